@@ -1,0 +1,42 @@
+"""Install safecrs_jax: personalised-safety conversational recommenders in JAX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="safecrs_jax",
+    version="0.1.0",
+    description=(
+        "SafeCRS (Safe-SFT + Safe-GDPO) on the SafeRec benchmark, as a "
+        "JAX/Flax training stack for TPU pods and GPU hosts."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["safecrs_jax", "safecrs_jax.*", "launch", "configs"]),
+    package_data={"safecrs_jax": ["saferec/assets/*"]},
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10",
+        "optax>=0.2.3",
+        "orbax-checkpoint>=0.6",
+        "transformers>=4.45",
+        "tokenizers>=0.20",
+        "safetensors>=0.4",
+        "datasets>=2.20",
+        "tensorflow-datasets>=4.9.7",
+        "ml-collections>=0.1.1",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        # Metric writers and plots (see README "Outputs"):
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        # torch is pinned exactly: that version installs a CPU build from a
+        # local file here; any other spec drags in gigabytes of CUDA wheels.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0"],
+        # Accelerator builds of jax; documented in the README, not used in CI.
+        "tpu": ["jax[tpu]"],
+        "gpu": ["jax[cuda12]"],
+    },
+)
