@@ -1,0 +1,162 @@
+"""The shared config structure; model files only change what differs.
+
+Every config file calls `build(...)` and returns a locked-ready ConfigDict.
+`arg` strings look like "stage=gdpo,data_dir=/data/saferec,model_dir=/ckpt/qwen"
+(big_vision-style `parse_arg`). Tuples, not lists, so that every field can be
+overridden from the command line (`--config.gdpo.group_size=4`).
+"""
+import ml_collections
+
+# Logical parameter/activation axis -> mesh axis. Kept in the config so a pod
+# run can change the layout without touching code.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+)
+
+# Sentinels for the shipped default: SafeRec-mini data and the locally trained
+# tokenizer, both built deterministically on first use into a cache folder.
+MINI = "mini"
+LOCAL_TOKENIZER = "local"
+
+
+def parse_arg(arg, **defaults):
+  """Parses "k=v,k2=v2" into a ConfigDict, typed after `defaults`."""
+  out = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return out
+  for item in arg.split(","):
+    if not item:
+      continue
+    if "=" not in item:
+      raise ValueError(f"config arg {item!r} is not of the form key=value (in {arg!r})")
+    key, value = item.split("=", 1)
+    if key not in defaults:
+      raise ValueError(f"unknown config arg {key!r}; known: {sorted(defaults)}")
+    kind = type(defaults[key])
+    if kind is bool:
+      value = value.lower() in ("1", "true", "yes")
+    out[key] = kind(value)
+  return out
+
+
+def build(*, stage, model_preset="", model_dir="", data_dir=MINI,
+          tokenizer_path=LOCAL_TOKENIZER):
+  """The full config tree with the paper's defaults for `stage`."""
+  if stage not in ("sft", "gdpo"):
+    raise ValueError(f"stage must be 'sft' or 'gdpo', got {stage!r}")
+  c = ml_collections.ConfigDict()
+  c.stage = stage              # which training stage this config launches
+  c.seed = 0                   # root seed: init, data order, dropout, sampling
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = model_preset  # models.PRESETS name, used when hf_dir is empty
+  c.model.hf_dir = model_dir     # HF dir (config.json + safetensors); wins over preset
+  c.model.dtype = "float32"      # compute dtype ("bfloat16" on TPU/GPU)
+  c.model.param_dtype = "float32"  # master-weight dtype
+  c.model.remat = False          # rematerialise each decoder block
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (("data", 1), ("fsdp", -1), ("tensor", 1))  # -1 = the rest
+  c.mesh.rules = DEFAULT_RULES   # logical axis -> mesh axis
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dir = data_dir          # released SafeRec layout, or "mini" (SafeRec-mini)
+  c.data.mini_seed = 0           # SafeRec-mini generator seed (data.dir == "mini")
+  c.data.strict = True           # bad rows abort (True) or are skipped and counted
+  c.data.risk_threshold = 0.66   # oracle: final >= threshold is unsafe
+  c.data.cache_dir = ""          # where "mini"/"local" are built ("" = ~/.cache/safecrs_jax)
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.path = tokenizer_path  # HF tokenizer dir; "" = model.hf_dir; "local" = demo BPE
+  c.tokenizer.max_length = 1024      # SFT: prompt + completion tokens (prompt cut from the left)
+  c.tokenizer.buckets = (256, 512, 1024)  # padded lengths: one compilation each
+
+  c.optim = ml_collections.ConfigDict()
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.save_every = 500  # steps between checkpoints (and one at the end)
+  c.checkpoint.keep = 3          # checkpoints kept
+  c.checkpoint.async_save = True  # write checkpoints in the background
+
+  c.log = ml_collections.ConfigDict()
+  c.log.every = 10               # steps between metric writes
+  c.log.tensorboard = True       # also write TensorBoard events
+  c.log.progress = True          # console progress bar (process 0 only)
+
+  c.sft = ml_collections.ConfigDict()
+  c.sft.epochs = 10              # passes over the train split (num_steps wins if > 0)
+  c.sft.num_steps = -1           # optimizer steps; -1 = derived from epochs
+  c.sft.batch_size = 12          # per-device micro-batch (global = this x data-parallel devices)
+  c.sft.grad_accum = 8           # micro-batches per optimizer step (scanned in the step)
+  c.sft.eval_every = 200         # steps between validation-loss passes
+  c.sft.eval_batches = 20        # validation micro-batches per pass (-1 = whole split)
+  c.sft.reasoning = True         # keep the <reasoning> block in curated targets
+  c.sft.lora = ml_collections.ConfigDict()
+  c.sft.lora.rank = 0            # 0 = full fine-tuning
+  c.sft.lora.alpha = 16.0        # scale = alpha / rank
+  c.sft.lora.dropout = 0.0       # dropout on the adapter input
+  c.sft.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+  c.gdpo = ml_collections.ConfigDict()
+  c.gdpo.init_checkpoint = ""    # Safe-SFT result: orbax run dir / step dir, or HF dir
+  c.gdpo.num_steps = 1000        # optimizer steps
+  c.gdpo.batch_size = 4          # prompts per device per micro-batch
+  c.gdpo.grad_accum = 8          # micro-batches per optimizer step
+  c.gdpo.group_size = 8          # G rollouts per prompt
+  c.gdpo.temperature = 1.0       # sampling temperature for rollouts
+  c.gdpo.top_p = 1.0             # nucleus sampling (1.0 = off)
+  c.gdpo.top_k = 0               # top-k sampling (0 = off)
+  c.gdpo.max_prompt_length = 2048     # prompts cut from the left beyond this
+  c.gdpo.max_completion_length = 1024  # new tokens per rollout
+  c.gdpo.prompt_buckets = (256, 512, 1024, 2048)  # padded prompt lengths
+  c.gdpo.mu = 1                  # policy iterations per rollout batch (1 = on-policy)
+  c.gdpo.beta = 1e-3             # KL(k3) weight to the frozen SFT reference; 0 = no reference
+  c.gdpo.eps_low = 0.2           # clip range below 1
+  c.gdpo.eps_high = 0.2          # clip range above 1
+  c.gdpo.importance_sampling = "sequence"  # "sequence" | "token"
+  c.gdpo.loss_agg = "dapo"       # "dapo" | "grpo" | "bnpo" | "dr_grpo"
+  c.gdpo.advantage_mode = "gdpo"  # "gdpo" | "grpo" | "rank"
+  c.gdpo.rewards = ("relevance", "safety")  # from: relevance, safety, count
+  c.gdpo.reward_weights = (1.0, 1.0)        # one per reward
+  c.gdpo.rec_num = 20            # ranks scored by the rewards
+  c.gdpo.relevance = "hit"       # "hit" (released trainer) | "dcg"
+  c.gdpo.lambda_safe = 1.0       # safety reward scale
+  c.gdpo.penalty_safe = 1.0      # per-violation penalty
+  c.gdpo.target_count = 10       # count reward target
+  c.gdpo.lambda_count = 0.0      # count reward scale (0 = off)
+  c.gdpo.rank_reward = "log_decay"  # per-rank form in rank mode: "exp_inf" | "log_decay"
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.split = "test"          # split to evaluate
+  c.eval.batch_size = 16         # prompts per generation batch (global)
+  c.eval.max_new_tokens = 1024   # greedy decoding budget
+  c.eval.ks = (5, 10, 20)        # cut-offs for every metric
+  c.eval.max_rows = -1           # evaluate only the first N rows (-1 = all)
+
+  if stage == "sft":
+    c.optim.lr = 5e-5            # peak learning rate
+    c.optim.schedule = "cosine"  # "cosine" | "constant" (both after warmup)
+    c.optim.warmup_ratio = 0.05  # share of steps in linear warmup
+    c.optim.b1 = 0.9             # Adam beta1
+    c.optim.b2 = 0.999           # Adam beta2
+    c.optim.eps = 1e-8           # Adam epsilon
+    c.optim.weight_decay = 0.0   # AdamW decoupled weight decay
+    c.optim.grad_clip = 1.0      # global-norm clip (0 = off)
+  else:
+    c.optim.lr = 1e-6
+    c.optim.schedule = "constant"
+    c.optim.warmup_ratio = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.99
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.0
+    c.optim.grad_clip = 1.0
+  return c
