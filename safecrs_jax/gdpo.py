@@ -1,0 +1,287 @@
+"""Safe-GDPO: advantages (gdpo / grpo / rank), the clipped policy loss, the step, the loop.
+
+Shape legend:
+  N  rollouts in a batch: prompts x G, a group is G *consecutive* rows
+  G  group size (rollouts per prompt)
+  R  reward functions
+  K  ranks scored per completion in rank mode (rec_num)
+  T  completion length (max new tokens); P prompt length
+  M  micro-batches per optimizer step (gradient accumulation)
+
+Missing rewards (NaN) — one rule everywhere: a missing entry carries no
+information. It is left out of every count, mean and std; its normalised value is
+0 (exactly "group average"). Concretely:
+  * per-group statistics use only the present entries; the std is the unbiased
+    (n - 1) estimate over the n present entries, and taken as 0 when n < 2
+    (so a lone present entry normalises to 0, never NaN);
+  * gdpo: Â_i = 0 where r_i is missing, then A = Σ_i w_i Â_i (a nansum, as in
+    the reference GDPO trainer);
+  * grpo: a missing r_i is imputed with its group's mean over the present
+    entries before the weighted sum (the same "average" reading; TRL's nansum
+    would instead count it as a raw 0);
+  * a row whose rewards are all missing gets advantage 0 and is left out of the
+    group statistics and of gdpo's batch-level normalisation.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+ADV_EPS = 1e-4  # (r - mean) / (std + ADV_EPS), as in the reference trainers
+ADVANTAGE_MODES = ("gdpo", "grpo", "rank")
+LOSS_AGGS = ("dapo", "grpo", "bnpo", "dr_grpo")
+IS_LEVELS = ("sequence", "token")
+
+
+# --------------------------------------------------------------------------
+# Advantages
+# --------------------------------------------------------------------------
+
+def _masked_group_normalise(x, valid, group_size):
+  """Normalises x within groups of `group_size` consecutive rows.
+
+  x: [N, ...] float; valid: [N, ...] bool (same shape). Statistics per trailing
+  position over the present entries of each group. Returns [N, ...], 0 where
+  not valid.
+  """
+  n = x.shape[0]
+  if n % group_size:
+    raise ValueError(f"advantages: {n} rows are not a multiple of group_size={group_size}")
+  shape = (n // group_size, group_size) + x.shape[1:]
+  g, v = x.reshape(shape), valid.reshape(shape)
+  cnt = v.sum(1, keepdims=True).astype(x.dtype)
+  mean = jnp.where(v, g, 0.0).sum(1, keepdims=True) / jnp.maximum(cnt, 1.0)
+  dev = jnp.where(v, g - mean, 0.0)
+  std = jnp.sqrt((dev * dev).sum(1, keepdims=True) / jnp.maximum(cnt - 1.0, 1.0))
+  return jnp.where(v, dev / (std + ADV_EPS), 0.0).reshape(x.shape)
+
+
+def _check_rewards(rewards, group_size, weights, mode):
+  if mode not in ADVANTAGE_MODES:
+    raise ValueError(f"advantage mode must be one of {ADVANTAGE_MODES}, got {mode!r}")
+  want = 3 if mode == "rank" else 2
+  if rewards.ndim != want:
+    legend = "[N, R, rec_num]" if mode == "rank" else "[N, R]"
+    raise ValueError(f"rewards must be {legend} in mode {mode!r}, got shape {rewards.shape}")
+  if group_size < 1 or rewards.shape[0] % group_size:
+    raise ValueError(f"rewards: {rewards.shape[0]} rows are not a multiple of group_size={group_size}")
+  num_rewards = rewards.shape[1]
+  if weights is None:
+    return jnp.ones((num_rewards,), jnp.float32)
+  weights = jnp.asarray(weights, jnp.float32)
+  if weights.shape != (num_rewards,):
+    raise ValueError(f"reward weights shape {weights.shape} != ({num_rewards},) (one per reward)")
+  return weights
+
+
+def compute_advantages(rewards, group_size, weights=None, mode="gdpo"):
+  """Group-relative advantages. Jittable (group_size and mode static).
+
+  Args:
+    rewards: [N, R] float (NaN = missing), or [N, R, K] per-rank rewards in
+      mode "rank". Rows i*G .. i*G+G-1 are the G rollouts of prompt i.
+    group_size: G.
+    weights: [R] reward weights (default all 1).
+    mode: "gdpo" — normalise each reward within its group, weighted sum, then
+      normalise over the whole batch; "grpo" — weighted sum, then group
+      normalisation; "rank" — each reward normalised per group *and per rank*,
+      then the weighted sum over rewards (no batch step; Rank-GRPO).
+  Returns:
+    [N] float32 advantages ([N, K] in mode "rank").
+  """
+  rewards = jnp.asarray(rewards, jnp.float32)
+  weights = _check_rewards(rewards, group_size, weights, mode)
+  valid = ~jnp.isnan(rewards)
+  r = jnp.where(valid, rewards, 0.0)
+  if mode == "rank":                                   # [N, R, K] -> [N, K]
+    norm = _masked_group_normalise(r, valid, group_size)
+    return jnp.einsum("nrk,r->nk", norm, weights)
+  row_valid = valid.any(-1)                            # [N]
+  if mode == "gdpo":
+    norm = _masked_group_normalise(r, valid, group_size)          # [N, R]
+    combined = norm @ weights                                     # [N]
+    return _masked_group_normalise(combined, row_valid, r.shape[0])
+  # grpo: impute missing entries with their group mean, then sum and normalise.
+  n, num_rewards = r.shape
+  g, v = r.reshape(n // group_size, group_size, num_rewards), valid.reshape(-1, group_size, num_rewards)
+  mean = g.sum(1, keepdims=True) / jnp.maximum(v.sum(1, keepdims=True), 1)
+  filled = jnp.where(v, g, mean).reshape(n, num_rewards)
+  return _masked_group_normalise(filled @ weights, row_valid, group_size)
+
+
+def _collapse_share(rewards, adv, group_size, tol=1e-5):
+  """Share of groups holding two rows with different rewards but equal advantages."""
+  n = rewards.shape[0]
+  r = rewards.reshape(n // group_size, group_size, -1)
+  a = adv.reshape(n // group_size, group_size, -1)
+  same_r = jnp.all((r[:, :, None] == r[:, None]) | (jnp.isnan(r[:, :, None]) & jnp.isnan(r[:, None])), -1)
+  same_a = jnp.all(jnp.abs(a[:, :, None] - a[:, None]) <= tol * (1.0 + jnp.abs(a[:, :, None])), -1)
+  return jnp.mean(jnp.any(same_a & ~same_r, axis=(1, 2)).astype(jnp.float32))
+
+
+def advantage_diagnostics(rewards, group_size, weights=None):
+  """What the advantages can and cannot see in this batch. Jittable.
+
+  Args: rewards [N, R] (or [N, R, K] per-rank), group_size G, weights [R].
+  Returns a dict of float32 arrays:
+    reward_mean, reward_std: [R] over the present entries of the batch
+      (all ranks pooled for per-rank rewards); NaN where none is present.
+    reward_missing: [R] share of missing entries.
+    zero_var_groups: [R] share of groups in which reward i is constant over
+      its present entries (no learning signal from that reward there).
+    collapse_<mode>: scalar share of groups in which two rollouts with
+      different reward vectors get identical advantages under <mode> (gdpo and
+      grpo for [N, R]; rank for [N, R, K]).
+  """
+  rewards = jnp.asarray(rewards, jnp.float32)
+  mode = "rank" if rewards.ndim == 3 else "gdpo"
+  weights = _check_rewards(rewards, group_size, weights, mode)
+  valid = ~jnp.isnan(rewards)
+  flat = jnp.moveaxis(rewards, 1, -1).reshape(-1, rewards.shape[1])  # [N*K, R]
+  fvalid = ~jnp.isnan(flat)
+  cnt = fvalid.sum(0)
+  mean = jnp.where(fvalid, flat, 0.0).sum(0) / cnt
+  dev = jnp.where(fvalid, flat - mean, 0.0)
+  std = jnp.sqrt((dev * dev).sum(0) / jnp.maximum(cnt - 1, 1))
+  g = rewards.reshape((-1, group_size) + rewards.shape[1:])            # [B, G, R, (K)]
+  gv = valid.reshape(g.shape)
+  hi = jnp.where(gv, g, -jnp.inf).max(1)
+  lo = jnp.where(gv, g, jnp.inf).min(1)
+  const = ~(hi > lo)                                                   # [B, R, (K)]
+  if mode == "rank":
+    const = const.all(-1)
+  out = {
+      "reward_mean": mean,
+      "reward_std": std,
+      "reward_missing": 1.0 - cnt / flat.shape[0],
+      "zero_var_groups": const.astype(jnp.float32).mean(0),
+  }
+  modes = ("rank",) if mode == "rank" else ("gdpo", "grpo")
+  for m in modes:
+    adv = compute_advantages(rewards, group_size, weights, m)
+    out[f"collapse_{m}"] = _collapse_share(rewards, adv, group_size)
+  return out
+
+
+# --------------------------------------------------------------------------
+# Policy loss
+# --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Static settings of the clipped surrogate (hashable: a jit static arg).
+
+  loss_agg — how per-token losses ℓ (masked by the completion mask) become one
+  number, over the *global* batch of an optimizer step (all micro-batches, all
+  devices; N sequences, M micro-batches, T = max completion length):
+    dapo:    Σ_all ℓ / Σ_all mask                      (token mean over the step)
+    grpo:    (1/N) Σ_seq (Σ_t ℓ / Σ_t mask)            (sequence means, then mean)
+    bnpo:    (1/M) Σ_micro (Σ_micro ℓ / Σ_micro mask)  (token mean per micro-batch, then mean)
+    dr_grpo: Σ_all ℓ / (N · T)                         (constant normaliser)
+  Empty denominators count as 1.
+  """
+  beta: float = 1e-3           # k3 KL weight to the reference; 0 = no reference at all
+  eps_low: float = 0.2         # ratio clipped below at 1 - eps_low
+  eps_high: float = 0.2        # ... and above at 1 + eps_high
+  importance_sampling: str = "sequence"  # "sequence" | "token"
+  loss_agg: str = "dapo"       # "dapo" | "grpo" | "bnpo" | "dr_grpo"
+
+  def __post_init__(self):
+    if self.importance_sampling not in IS_LEVELS:
+      raise ValueError(f"importance_sampling must be one of {IS_LEVELS}, got {self.importance_sampling!r}")
+    if self.loss_agg not in LOSS_AGGS:
+      raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {self.loss_agg!r}")
+    if self.beta < 0 or self.eps_low < 0 or self.eps_high < 0:
+      raise ValueError(f"beta / eps_low / eps_high must be >= 0, got {self}")
+
+
+def masked_sum(x, mask, axis=None):
+  """Σ x·mask (float32)."""
+  return jnp.sum(x * mask, axis=axis)
+
+
+def masked_mean(x, mask, axis=None, keepdims=False):
+  """Σ x·mask / max(Σ mask, 1)."""
+  num = jnp.sum(x * mask, axis=axis, keepdims=keepdims)
+  return num / jnp.maximum(jnp.sum(mask, axis=axis, keepdims=keepdims), 1.0)
+
+
+def per_token_loss(logp, old_logp, ref_logp, advantages, mask, cfg):
+  """Per-token clipped-surrogate loss with the k3 KL term.
+
+  Args:
+    logp: [n, T] float32 log-probs of the completion tokens under the policy
+      being trained (logits / temperature, as the sampler).
+    old_logp: [n, T] log-probs under the policy that sampled (the rollout's).
+    ref_logp: [n, T] under the frozen reference, or None when cfg.beta == 0.
+    advantages: [n] sequence-level, or [n, T] per token (rank mode).
+    mask: [n, T] {0,1} completion mask (tokens up to and including the stop).
+    cfg: LossConfig.
+  Returns:
+    (loss [n, T] (0 outside the mask), dict of [n, T] float32 terms: ratio,
+     kl, low_clipped, high_clipped).
+  The importance weight is exp(logp - old) per token, or at the sequence level
+  exp(mean_t(logp - old)) over the completion, shared by the sequence's tokens
+  (its gradient carries the 1/|y| of the mean; GSPO / TRL "sequence").
+  """
+  mask = mask.astype(jnp.float32)
+  log_ratio = logp - old_logp
+  if cfg.importance_sampling == "sequence":
+    log_ratio = masked_mean(log_ratio, mask, axis=-1, keepdims=True)  # [n, 1]
+  ratio = jnp.broadcast_to(jnp.exp(log_ratio), logp.shape)
+  adv = advantages if advantages.ndim == 2 else advantages[:, None]
+  adv = jnp.broadcast_to(adv.astype(jnp.float32), logp.shape)
+  clipped = jnp.clip(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
+  loss = -jnp.minimum(ratio * adv, clipped * adv)
+  if cfg.beta > 0:
+    if ref_logp is None:
+      raise ValueError("per_token_loss: beta > 0 needs ref_logp")
+    d = ref_logp - logp
+    kl = jnp.exp(d) - d - 1.0
+    loss = loss + cfg.beta * kl
+  else:
+    kl = jnp.zeros_like(logp)
+  terms = {
+      "ratio": ratio,
+      "kl": kl,
+      "low_clipped": ((ratio < 1.0 - cfg.eps_low) & (adv < 0)).astype(jnp.float32),
+      "high_clipped": ((ratio > 1.0 + cfg.eps_high) & (adv > 0)).astype(jnp.float32),
+  }
+  return loss * mask, terms
+
+
+def micro_batch_loss(logp, old_logp, ref_logp, advantages, mask, cfg, *,
+                     total_tokens, total_seqs, num_micro):
+  """One micro-batch's share of the step loss; the shares sum to the step loss.
+
+  total_tokens: Σ mask over the whole step; total_seqs: N of the whole step;
+  num_micro: M. Returns (scalar loss share, dict of metric *sums* over the
+  micro-batch's completion tokens: kl, low_clipped, high_clipped, tokens).
+  """
+  loss, terms = per_token_loss(logp, old_logp, ref_logp, advantages, mask, cfg)
+  mask = mask.astype(jnp.float32)
+  agg = cfg.loss_agg
+  if agg == "dapo":
+    share = loss.sum() / jnp.maximum(total_tokens, 1.0)
+  elif agg == "grpo":
+    share = masked_mean(loss, mask, axis=-1).sum() / total_seqs
+  elif agg == "bnpo":
+    share = loss.sum() / jnp.maximum(mask.sum(), 1.0) / num_micro
+  else:  # dr_grpo
+    share = loss.sum() / (total_seqs * logp.shape[-1])
+  sums = {k: masked_sum(terms[k], mask) for k in ("kl", "low_clipped", "high_clipped")}
+  sums["tokens"] = mask.sum()
+  return share, sums
+
+
+def policy_loss(logp, old_logp, ref_logp, advantages, mask, cfg):
+  """The step loss of a single micro-batch holding the whole step (see LossConfig).
+
+  Returns (scalar loss, metrics: kl, clip_low, clip_high (token means)).
+  """
+  loss, sums = micro_batch_loss(
+      logp, old_logp, ref_logp, advantages, mask, cfg,
+      total_tokens=jnp.sum(mask).astype(jnp.float32), total_seqs=logp.shape[0], num_micro=1)
+  tok = jnp.maximum(sums["tokens"], 1.0)
+  return loss, {"kl": sums["kl"] / tok, "clip_low": sums["low_clipped"] / tok,
+                "clip_high": sums["high_clipped"] / tok}

@@ -1,0 +1,202 @@
+"""Safe-GDPO advantages and policy loss against hand / numpy computations."""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from safecrs_jax import gdpo
+
+E = gdpo.ADV_EPS
+
+
+def _np_group_norm(x, g):
+  x = np.asarray(x, np.float64).reshape(-1, g)
+  m = x.mean(1, keepdims=True)
+  s = x.std(1, ddof=1, keepdims=True)
+  return ((x - m) / (s + E)).reshape(-1)
+
+
+def test_gdpo_hand_computed():
+  # One group of 4, one reward [1, 0, 0, 0]: mean .25, unbiased std .5.
+  r = np.array([[1.0], [0.0], [0.0], [0.0]])
+  adv = np.asarray(gdpo.compute_advantages(r, 4, mode="grpo"))
+  np.testing.assert_allclose(adv, np.array([0.75, -0.25, -0.25, -0.25]) / (0.5 + E), rtol=1e-6)
+  # gdpo adds the batch-level step: (a - mean) / (std + eps) over all rows.
+  a1 = np.array([0.75, -0.25, -0.25, -0.25]) / (0.5 + E)
+  want = (a1 - a1.mean()) / (a1.std(ddof=1) + E)
+  np.testing.assert_allclose(gdpo.compute_advantages(r, 4), want, rtol=1e-5)
+
+
+def test_gdpo_two_rewards_weights_and_batch_norm():
+  rng = np.random.default_rng(0)
+  r = rng.normal(size=(12, 2)).round(1)
+  w = np.array([1.0, 0.5])
+  pre = _np_group_norm(r[:, 0], 3) * w[0] + _np_group_norm(r[:, 1], 3) * w[1]
+  want = (pre - pre.mean()) / (pre.std(ddof=1) + E)
+  got = jax.jit(gdpo.compute_advantages, static_argnums=(1, 3))(r, 3, w, "gdpo")
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  want_grpo = _np_group_norm(r @ w, 3)
+  np.testing.assert_allclose(gdpo.compute_advantages(r, 3, w, "grpo"), want_grpo, rtol=1e-5, atol=1e-6)
+
+
+def test_grpo_collapses_where_gdpo_separates():
+  # Rows 0 = (1, 0) and 1 = (0, 1) have the same sum, so GRPO gives them one
+  # advantage; per-reward normalisation sees reward 2 is common in this group.
+  r = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 1.0]])
+  grpo = np.asarray(gdpo.compute_advantages(r, 4, mode="grpo"))
+  gd = np.asarray(gdpo.compute_advantages(r, 4, mode="gdpo"))
+  assert grpo[0] == pytest.approx(grpo[1])
+  assert abs(gd[0] - gd[1]) > 0.2
+  # Hand values before the batch step: r1 -> ±.5/.57735, r2 -> [-.75, .25, .25, .25]/.5
+  s1, s2 = np.sqrt(1 / 3) + E, 0.5 + E
+  pre = np.array([0.5 / s1 - 0.75 / s2, -0.5 / s1 + 0.25 / s2, 0.5 / s1 + 0.25 / s2, -0.5 / s1 + 0.25 / s2])
+  np.testing.assert_allclose(gd, (pre - pre.mean()) / (pre.std(ddof=1) + E), rtol=1e-5)
+  d = gdpo.advantage_diagnostics(r, 4)
+  assert float(d["collapse_grpo"]) == 1.0 and float(d["collapse_gdpo"]) == 0.0
+
+
+def test_zero_variance_groups():
+  # Group 0 constant in both rewards -> 0; group 1 varies in reward 0 only.
+  r = np.array([[1.0, -1.0], [1.0, -1.0], [0.0, 0.0], [1.0, 0.0]])
+  adv = np.asarray(gdpo.compute_advantages(r, 2, mode="grpo"))
+  np.testing.assert_allclose(adv[:2], 0.0, atol=1e-7)
+  assert adv[3] > 0 > adv[2]
+  d = gdpo.advantage_diagnostics(r, 2)
+  np.testing.assert_allclose(d["zero_var_groups"], [0.5, 1.0])
+  np.testing.assert_allclose(d["reward_mean"], [0.75, -0.5])
+  np.testing.assert_allclose(d["reward_std"], [np.std([1, 1, 0, 1], ddof=1), np.std([-1, -1, 0, 0], ddof=1)], rtol=1e-6)
+
+
+def test_nan_rewards_are_missing():
+  nan = np.nan
+  r = np.array([[1.0, nan], [0.0, -1.0], [nan, nan], [0.0, 0.0],   # group 0
+                [nan, nan], [nan, nan], [nan, nan], [nan, nan]])   # group 1: all missing
+  for mode in ("gdpo", "grpo"):
+    adv = np.asarray(gdpo.compute_advantages(r, 4, mode=mode))
+    assert np.all(np.isfinite(adv)), mode
+    np.testing.assert_array_equal(adv[[2, 4, 5, 6, 7]], 0.0)
+  # gdpo by hand: reward 0 over rows {0,1,3}: [1,0,0]; reward 1 over {1,3}: [-1,0].
+  a0 = _np_group_norm([1.0, 0.0, 0.0], 3)
+  a1 = _np_group_norm([-1.0, 0.0], 2)
+  pre = np.array([a0[0], a0[1] + a1[0], a0[2] + a1[1]])
+  want = (pre - pre.mean()) / (pre.std(ddof=1) + E)
+  np.testing.assert_allclose(np.asarray(gdpo.compute_advantages(r, 4))[[0, 1, 3]], want, rtol=1e-5)
+  # grpo: row 0's missing reward 1 is imputed with the group mean -0.5.
+  s = np.array([1.0 - 0.5, -1.0, 0.0])
+  np.testing.assert_allclose(np.asarray(gdpo.compute_advantages(r, 4, mode="grpo"))[[0, 1, 3]],
+                             _np_group_norm(s, 3), rtol=1e-5)
+  d = gdpo.advantage_diagnostics(r, 4)
+  np.testing.assert_allclose(d["reward_missing"], [5 / 8, 6 / 8])
+
+
+def test_rank_mode():
+  # 2 groups x 2 rollouts, 1 reward, 3 ranks; normalised per group and rank.
+  r = np.array([[[1.0, 0.0, 0.5]], [[0.0, 0.0, 1.5]], [[2.0, 1.0, 1.0]], [[0.0, 3.0, np.nan]]])
+  adv = np.asarray(gdpo.compute_advantages(r, 2, mode="rank"))
+  assert adv.shape == (4, 3)
+  for g in range(2):
+    for k in range(3):
+      col = r[2 * g:2 * g + 2, 0, k]
+      if np.isnan(col).any():
+        np.testing.assert_allclose(adv[2 * g:2 * g + 2, k], 0.0)
+      else:
+        np.testing.assert_allclose(adv[2 * g:2 * g + 2, k], _np_group_norm(col, 2), rtol=1e-5)
+  w = np.array([1.0, 2.0])
+  r2 = np.concatenate([r, 0.5 * r], 1)  # [4, 2, 3]
+  want = adv + 2 * np.asarray(gdpo.compute_advantages(0.5 * r, 2, mode="rank"))
+  np.testing.assert_allclose(gdpo.compute_advantages(r2, 2, w, "rank"), want, rtol=1e-5)
+  assert "collapse_rank" in gdpo.advantage_diagnostics(r2, 2, w)
+
+
+def test_bad_inputs_raise():
+  with pytest.raises(ValueError, match="multiple of group_size"):
+    gdpo.compute_advantages(np.zeros((5, 2)), 2)
+  with pytest.raises(ValueError, match="one per reward"):
+    gdpo.compute_advantages(np.zeros((4, 2)), 2, weights=[1.0])
+  with pytest.raises(ValueError, match="rank"):
+    gdpo.compute_advantages(np.zeros((4, 2)), 2, mode="rank")
+
+
+# ----------------------------------------------------------------------------- loss
+
+def _np_loss(logp, old, ref, adv, mask, beta, el, eh, level, agg):
+  mask = mask.astype(np.float64)
+  lr = logp - old
+  if level == "sequence":
+    lr = np.repeat((lr * mask).sum(1, keepdims=True) / np.maximum(mask.sum(1, keepdims=True), 1), logp.shape[1], 1)
+  ratio = np.exp(lr)
+  a = adv[:, None] if adv.ndim == 1 else adv
+  per = -np.minimum(ratio * a, np.clip(ratio, 1 - el, 1 + eh) * a)
+  kl = np.exp(ref - logp) - (ref - logp) - 1
+  per = (per + beta * kl) * mask
+  if agg == "dapo" or agg == "bnpo":
+    return per.sum() / mask.sum()
+  if agg == "grpo":
+    return np.mean(per.sum(1) / np.maximum(mask.sum(1), 1))
+  return per.sum() / (logp.shape[0] * logp.shape[1])
+
+
+def _fixed_batch(seed=0, n=4, t=6):
+  rng = np.random.default_rng(seed)
+  old = -rng.uniform(0.1, 3.0, size=(n, t))
+  logp = old + rng.normal(scale=0.3, size=(n, t))
+  ref = old + rng.normal(scale=0.3, size=(n, t))
+  adv = rng.normal(size=(n,))
+  lens = rng.integers(1, t + 1, size=(n,))
+  mask = (np.arange(t)[None] < lens[:, None]).astype(np.float32)
+  return logp, old, ref, adv, mask
+
+
+@pytest.mark.parametrize("level", gdpo.IS_LEVELS)
+@pytest.mark.parametrize("agg", gdpo.LOSS_AGGS)
+def test_loss_matches_numpy(level, agg):
+  logp, old, ref, adv, mask = _fixed_batch()
+  cfg = gdpo.LossConfig(beta=0.04, eps_low=0.1, eps_high=0.25, importance_sampling=level, loss_agg=agg)
+  f = lambda *a: gdpo.policy_loss(*a, cfg)[0]
+  got = f(*(jnp.asarray(x, jnp.float32) for x in (logp, old, ref, adv, mask)))
+  want = _np_loss(logp, old, ref, adv, mask, 0.04, 0.1, 0.25, level, agg)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_micro_batch_shares_sum_to_step_loss():
+  logp, old, ref, _, mask = _fixed_batch(1, n=6, t=5)
+  adv = np.random.default_rng(2).normal(size=(6, 5))  # per-token (rank mode)
+  args = [jnp.asarray(x, jnp.float32) for x in (logp, old, ref, adv, mask)]
+  for agg in gdpo.LOSS_AGGS:
+    cfg = gdpo.LossConfig(loss_agg=agg, importance_sampling="token")
+    shares = [gdpo.micro_batch_loss(*(a[i:i + 2] for a in args), cfg, total_tokens=mask.sum(),
+                                    total_seqs=6, num_micro=3)[0] for i in (0, 2, 4)]
+    if agg == "bnpo":
+      want = np.mean([_np_loss(logp[i:i + 2], old[i:i + 2], ref[i:i + 2], adv[i:i + 2], mask[i:i + 2],
+                               1e-3, .2, .2, "token", "bnpo") for i in (0, 2, 4)])
+    else:
+      want = _np_loss(logp, old, ref, adv, mask, 1e-3, .2, .2, "token", agg)
+    np.testing.assert_allclose(float(sum(shares)), want, rtol=1e-5, err_msg=agg)
+
+
+def test_zero_advantage_zero_gradient():
+  logp, old, _, _, mask = _fixed_batch(3)
+  cfg = gdpo.LossConfig(beta=0.0)
+  g = jax.grad(lambda lp: gdpo.policy_loss(lp, jnp.asarray(old, jnp.float32), None,
+                                          jnp.zeros(4), jnp.asarray(mask), cfg)[0])(jnp.asarray(logp, jnp.float32))
+  np.testing.assert_array_equal(np.asarray(g), 0.0)
+
+
+def test_clip_fractions():
+  # Token-level ratios e^{±0.5} (1.65 / 0.61) and 1.0, advantages of both signs.
+  lr = np.array([[0.5, -0.5, 0.0, 0.5], [0.5, -0.5, 0.0, 0.0]])
+  adv = np.array([1.0, -1.0])
+  mask = np.array([[1, 1, 1, 1], [1, 1, 1, 0]], np.float32)
+  old = np.full_like(lr, -1.0)
+  cfg = gdpo.LossConfig(beta=0.0, importance_sampling="token")
+  _, m = gdpo.policy_loss(jnp.asarray(old + lr, jnp.float32), jnp.asarray(old, jnp.float32), None,
+                          jnp.asarray(adv, jnp.float32), jnp.asarray(mask), cfg)
+  # high: ratio > 1.2 with A > 0 -> row 0 tokens 0 and 3; low: ratio < .8 with A < 0 -> row 1 token 1.
+  assert float(m["clip_high"]) == pytest.approx(2 / 7)
+  assert float(m["clip_low"]) == pytest.approx(1 / 7)
+  assert float(m["kl"]) == 0.0
+  # sequence level: row 0 mean log-ratio .125 (ratio 1.13, unclipped), row 1 0.0.
+  _, m = gdpo.policy_loss(jnp.asarray(old + lr, jnp.float32), jnp.asarray(old, jnp.float32), None,
+                          jnp.asarray(adv, jnp.float32), jnp.asarray(mask), gdpo.LossConfig(beta=0.0))
+  assert float(m["clip_high"]) == 0.0 and float(m["clip_low"]) == 0.0
