@@ -1,0 +1,200 @@
+"""The decoder, its parameters and its KV cache.
+
+Shape legend: B batch, T new tokens, S key slots, L layers, D hidden, K kv heads,
+H head_dim, V vocab.
+
+Parameters are a plain pytree (no flax boxes). The L decoder blocks are stacked on
+a leading layer axis under params["layers"] (scan layout); `cfg.scan_layers` only
+chooses whether XLA sees a loop (True, compact for deep models) or L unrolled copies
+(False, faster for small models on CPU). Both use the same parameters.
+
+KV cache (a dict pytree, see init_cache):
+  k, v   [L,B,S,K,H] cfg.dtype   keys / values, slot s of row b
+  mask   [B,S] bool              slot holds a real (non-pad) token
+  index  [] int32                next slot to write (shared by all rows)
+forward_cached writes its T tokens at slots [index, index+T) with
+lax.dynamic_update_slice, so a decode step has static shapes and runs inside
+lax.while_loop. The caller keeps index + T <= S (XLA clamps the write otherwise).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from safecrs_jax import sharding as shd
+from safecrs_jax.models.config import ModelConfig
+from safecrs_jax.models.layers import Block, Dense, RMSNorm, dtype_of, rope_tables
+
+
+class Decoder(nn.Module):
+  """Token ids -> logits. Llama 3.x / Qwen2 / Qwen3 depending on cfg."""
+  cfg: ModelConfig
+  mesh: Any = None
+  rules: Any = None
+
+  @nn.compact
+  def __call__(self, input_ids, positions, mask, kv=None):
+    """input_ids [B,T]; positions [B,T]; mask [B,1,1,T,S] bool; kv see Attention.
+
+    Returns (logits [B,T,V] cfg.dtype, kv').
+    """
+    cfg = self.cfg
+    dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    embed = nn.Embed(
+        cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt,
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(stddev=cfg.initializer_range), ("vocab", "embed")),
+        name="embed_tokens")
+    x = embed(input_ids)                                              # [B,T,D]
+    x = shd.constrain(x, ("act_batch", "act_length", "act_embed"), self.mesh, self.rules)
+    cos, sin = rope_tables(cfg, positions)                            # [B,T,1,H]
+
+    block = Block
+    if cfg.remat:
+      block = nn.remat(Block, prevent_cse=not cfg.scan_layers)
+    stack = nn.scan(
+        block, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+        unroll=1 if cfg.scan_layers else cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"})
+    (x, kv), _ = stack(cfg, self.mesh, self.rules, name="layers")((x, kv), cos, sin, mask)
+
+    x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="norm")(x)
+    if cfg.tie_word_embeddings:
+      logits = embed.attend(x)                                        # [B,T,V]
+    else:
+      logits = Dense(cfg.vocab_size, ("embed", "vocab"), cfg, name="lm_head")(x)
+    logits = shd.constrain(logits.astype(dt), ("act_batch", "act_length", "act_vocab"),
+                           self.mesh, self.rules)
+    return logits, kv
+
+
+# -- parameters -----------------------------------------------------------------
+
+def _boxed_init(cfg: ModelConfig, rng):
+  ids = jnp.zeros((1, 1), jnp.int32)
+  mask = jnp.ones((1, 1, 1, 1, 1), bool)
+  return Decoder(cfg).init(rng, ids, ids, mask)["params"]
+
+
+def _init_fn(cfg: ModelConfig, rng):
+  return nn.unbox(_boxed_init(cfg, rng))
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract_boxed(cfg: ModelConfig):
+  return jax.eval_shape(functools.partial(_boxed_init, cfg), jax.random.key(0))
+
+
+def abstract_params(cfg: ModelConfig):
+  """Pytree of jax.ShapeDtypeStruct, same structure as init_params; no compute."""
+  return nn.unbox(_abstract_boxed(cfg))
+
+
+def param_logical_axes(cfg: ModelConfig):
+  """Pytree (structure of params) of tuples of logical axis names per dimension."""
+  boxed = _abstract_boxed(cfg)
+  return jax.tree.map(lambda b: tuple(b.names), boxed,
+                      is_leaf=lambda b: isinstance(b, nn.LogicallyPartitioned))
+
+
+def param_shardings(cfg: ModelConfig, mesh, rules=None):
+  """Pytree of NamedSharding for the params on `mesh` (odd dims replicated)."""
+  return shd.logical_to_sharding(param_logical_axes(cfg), mesh, rules,
+                                 shapes=abstract_params(cfg))
+
+
+def init_params(cfg: ModelConfig, rng, mesh=None, rules=None):
+  """Random parameters (normal(initializer_range), norms = 1), a plain pytree.
+
+  With a mesh: initialised directly into their shardings (abstract shapes via
+  eval_shape, then jit with out_shardings); no full copy on one device.
+  """
+  fn = functools.partial(_init_fn, cfg)
+  if mesh is None:
+    return jax.jit(fn)(rng)
+  return jax.jit(fn, out_shardings=param_shardings(cfg, mesh, rules))(rng)
+
+
+def count_params(cfg: ModelConfig) -> int:
+  return sum(x.size for x in jax.tree.leaves(abstract_params(cfg)))
+
+
+# -- forward ----------------------------------------------------------------------
+
+def positions_from_mask(attention_mask):
+  """[B,T] {0,1} -> [B,T] int32 positions cumsum(mask)-1, clipped at 0."""
+  m = attention_mask.astype(jnp.int32)
+  return jnp.maximum(jnp.cumsum(m, axis=1) - 1, 0)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("mesh", "rules"))
+def forward(cfg: ModelConfig, params, input_ids, attention_mask, *, mesh=None, rules=None):
+  """Logits of a (left-)padded batch.
+
+  input_ids [B,T] int32; attention_mask [B,T] {0,1} -> logits [B,T,V] in cfg.dtype
+  (cast to float32 before log_softmax). Attention is causal and skips pad keys.
+  `mesh`/`rules` (optional) add sharding constraints on activations.
+  """
+  t = input_ids.shape[1]
+  valid = attention_mask.astype(bool)                                 # [B,T]
+  causal = jnp.tril(jnp.ones((t, t), bool))                           # [T,S=T]
+  mask = (causal[None] & valid[:, None, :])[:, None, None]            # [B,1,1,T,S]
+  logits, _ = Decoder(cfg, mesh, rules).apply(
+      {"params": params}, input_ids, positions_from_mask(attention_mask), mask)
+  return logits
+
+
+# -- KV cache ------------------------------------------------------------------
+
+def cache_logical_axes(cfg: ModelConfig) -> dict:
+  del cfg
+  kv = ("layers", "cache_batch", "cache_length", "cache_kv_heads", "head_dim")
+  return {"k": kv, "v": kv, "mask": ("cache_batch", "cache_length"), "index": ()}
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, mesh=None, rules=None):
+  """Empty cache with slots [0, max_len): see the module docstring for the layout."""
+  shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+  dt = dtype_of(cfg.dtype)
+
+  def make():
+    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
+            "mask": jnp.zeros((batch_size, max_len), bool),
+            "index": jnp.zeros((), jnp.int32)}
+  if mesh is None:
+    return make()
+  shapes = jax.eval_shape(make)
+  out = shd.logical_to_sharding(cache_logical_axes(cfg), mesh, rules, shapes=shapes)
+  return jax.jit(make, out_shardings=out)()
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("mesh", "rules"))
+def forward_cached(cfg: ModelConfig, params, input_ids, attention_mask, cache, *,
+                   mesh=None, rules=None):
+  """Runs T new tokens against the cache; returns (logits [B,T,V], cache').
+
+  Prefill: ids [B,P] (left-padded), mask [B,P], empty cache. Decode: ids [B,1],
+  mask ones [B,1]. Positions continue from each row's count of valid cached tokens;
+  each new token attends to valid earlier slots and itself. The logits equal
+  forward() on the concatenated sequence.
+  """
+  b, t = input_ids.shape
+  index = cache["index"]
+  s = cache["mask"].shape[1]
+  new = attention_mask.astype(bool)                                   # [B,T]
+  prev = jnp.sum(cache["mask"], axis=1, dtype=jnp.int32)              # [B]
+  positions = jnp.maximum(
+      prev[:, None] + jnp.cumsum(new.astype(jnp.int32), axis=1) - 1, 0)  # [B,T]
+  slot_mask = jax.lax.dynamic_update_slice(cache["mask"], new, (jnp.int32(0), index))
+  q_slot = index + jnp.arange(t, dtype=jnp.int32)                     # [T]
+  causal = jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slot[:, None]  # [T,S]
+  mask = (causal[None] & slot_mask[:, None, :])[:, None, None]        # [B,1,1,T,S]
+  kv = (cache["k"], cache["v"], jnp.int32(0), index)
+  logits, (k, v, _, _) = Decoder(cfg, mesh, rules).apply(
+      {"params": params}, input_ids, positions, mask, kv)
+  return logits, {"k": k, "v": v, "mask": slot_mask, "index": index + t}

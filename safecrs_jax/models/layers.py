@@ -1,0 +1,201 @@
+"""Building blocks of the decoder: RMSNorm, RoPE, attention, MLP, one block.
+
+Shape legend:
+  B batch, T query length, S key length (T, or cache slots), L layers,
+  D hidden_size, N query heads, K kv heads, G = N // K, H head_dim,
+  F intermediate_size, V vocab.
+Parameter names follow the HF checkpoint (q_proj, gate_proj, input_layernorm ...);
+kernels are [in, out] (HF stores [out, in]).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from safecrs_jax import sharding as shd
+from safecrs_jax.models.config import ModelConfig
+
+Array = jax.Array
+
+
+def dtype_of(name: str):
+  return jnp.dtype(name)
+
+
+# -- RoPE -----------------------------------------------------------------------
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """[H/2] inverse frequencies, with `linear` / `llama3` scaling (as HF computes)."""
+  h = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, h, 2, dtype=np.int64).astype(np.float32) / h))
+  sc = cfg.rope_scaling_dict
+  if cfg.rope_type == "linear":
+    inv = inv / sc["factor"]
+  elif cfg.rope_type == "llama3":
+    factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+    old = sc["original_max_position_embeddings"]
+    lo_wavelen, hi_wavelen = old / lo, old / hi
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > lo_wavelen, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < hi_wavelen) & ~(wavelen > lo_wavelen)
+    inv = np.where(medium, smoothed, scaled)
+  return inv.astype(np.float32)
+
+
+def rope_tables(cfg: ModelConfig, positions: Array) -> tuple[Array, Array]:
+  """positions [B,T] int -> (cos, sin) each [B,T,1,H] in cfg.dtype."""
+  inv = jnp.asarray(rope_inv_freq(cfg))                                 # [H/2]
+  freqs = positions.astype(jnp.float32)[..., None] * inv                # [B,T,H/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]         # [B,T,1,H]
+  dt = dtype_of(cfg.dtype)
+  return jnp.cos(emb).astype(dt), jnp.sin(emb).astype(dt)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+  """x [B,T,n,H] rotated by (cos, sin) [B,T,1,H] (HF rotate_half convention)."""
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return x * cos + rotated * sin
+
+
+# -- modules --------------------------------------------------------------------
+
+def _init(cfg: ModelConfig, names: tuple):
+  return nn.with_logical_partitioning(
+      nn.initializers.normal(stddev=cfg.initializer_range), names)
+
+
+class RMSNorm(nn.Module):
+  """y = x / rms(x) * scale, statistics in float32 (as HF LlamaRMSNorm)."""
+  eps: float
+  dtype: Any
+  param_dtype: Any
+  axis_name: str = "norm"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.with_logical_partitioning(
+        nn.initializers.ones, (self.axis_name,)), (x.shape[-1],), self.param_dtype)
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+class Dense(nn.Module):
+  """x @ kernel (+ bias), kernel [in, out] with logical names."""
+  features: int
+  names: tuple                 # logical names of (in, out)
+  cfg: ModelConfig
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.cfg
+    kernel = self.param("kernel", _init(cfg, self.names), (x.shape[-1], self.features),
+                        dtype_of(cfg.param_dtype))
+    y = jnp.dot(x, kernel.astype(dtype_of(cfg.dtype)))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(
+          nn.initializers.zeros, self.names[1:]), (self.features,), dtype_of(cfg.param_dtype))
+      y = y + bias.astype(y.dtype)
+    return y
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention with RoPE; optional KV cache."""
+  cfg: ModelConfig
+  mesh: Any = None
+  rules: Any = None
+
+  @nn.compact
+  def __call__(self, x, cos, sin, mask, kv=None):
+    """x [B,T,D]; cos/sin [B,T,1,H]; mask [B,1,1,T,S] bool.
+
+    kv: None (S == T, keys are this call's tokens) or (cache_k, cache_v, layer, index)
+    with cache_k/v [L,B,S,K,H]: the T new keys are written at slots [index, index+T)
+    of layer `layer`, then all S slots are attended. Returns (y [B,T,D], kv').
+    """
+    cfg = self.cfg
+    b, t, _ = x.shape
+    n, k, h, g = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_groups
+    dt = dtype_of(cfg.dtype)
+    q = Dense(n * h, ("embed", "heads"), cfg, cfg.attention_bias, name="q_proj")(x)
+    kk = Dense(k * h, ("embed", "kv_heads"), cfg, cfg.attention_bias, name="k_proj")(x)
+    v = Dense(k * h, ("embed", "kv_heads"), cfg, cfg.attention_bias, name="v_proj")(x)
+    q = q.reshape(b, t, n, h)                                         # [B,T,N,H]
+    kk = kk.reshape(b, t, k, h)                                       # [B,T,K,H]
+    v = v.reshape(b, t, k, h)                                         # [B,T,K,H]
+    if cfg.qk_norm:
+      q = RMSNorm(cfg.rms_norm_eps, dt, dtype_of(cfg.param_dtype), "head_dim",
+                  name="q_norm")(q)
+      kk = RMSNorm(cfg.rms_norm_eps, dt, dtype_of(cfg.param_dtype), "head_dim",
+                   name="k_norm")(kk)
+    q = apply_rope(q, cos, sin)
+    kk = apply_rope(kk, cos, sin)
+
+    if kv is not None:                                                # write the cache
+      cache_k, cache_v, layer, index = kv
+      zero = jnp.zeros((), jnp.int32)
+      start = (layer, zero, index, zero, zero)
+      cache_k = jax.lax.dynamic_update_slice(cache_k, kk[None].astype(cache_k.dtype), start)
+      cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
+      kk = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False)  # [B,S,K,H]
+      v = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False)   # [B,S,K,H]
+      kv = (cache_k, cache_v, layer, index)
+
+    q = q.reshape(b, t, k, g, h) * jnp.asarray(h ** -0.5, dt)         # [B,T,K,G,H]
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, kk)                  # [B,K,G,T,S]
+    scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(dt))        # [B,T,K,G,H]
+    out = out.reshape(b, t, n * h)
+    out = shd.constrain(out, ("act_batch", "act_length", "act_heads"), self.mesh, self.rules)
+    y = Dense(cfg.hidden_size, ("heads", "embed"), cfg, cfg.attention_out_bias,
+              name="o_proj")(out)                                     # [B,T,D]
+    return y, kv
+
+
+class MLP(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  cfg: ModelConfig
+  mesh: Any = None
+  rules: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    gate = Dense(cfg.intermediate_size, ("embed", "mlp"), cfg, name="gate_proj")(x)
+    up = Dense(cfg.intermediate_size, ("embed", "mlp"), cfg, name="up_proj")(x)
+    hmid = jax.nn.silu(gate) * up                                     # [B,T,F]
+    hmid = shd.constrain(hmid, ("act_batch", "act_length", "act_mlp"), self.mesh, self.rules)
+    return Dense(cfg.hidden_size, ("mlp", "embed"), cfg, name="down_proj")(hmid)
+
+
+class Block(nn.Module):
+  """Pre-norm decoder block; the scan body (carry = (x, kv))."""
+  cfg: ModelConfig
+  mesh: Any = None
+  rules: Any = None
+
+  @nn.compact
+  def __call__(self, carry, cos, sin, mask):
+    x, kv = carry                                                     # x [B,T,D]
+    cfg = self.cfg
+    dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="input_layernorm")(x)
+    a, kv = Attention(cfg, self.mesh, self.rules, name="self_attn")(h, cos, sin, mask, kv)
+    x = x + a
+    h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="post_attention_layernorm")(x)
+    x = x + MLP(cfg, self.mesh, self.rules, name="mlp")(h)
+    x = shd.constrain(x, ("act_batch", "act_length", "act_embed"), self.mesh, self.rules)
+    if kv is not None:
+      cache_k, cache_v, layer, index = kv
+      kv = (cache_k, cache_v, layer + 1, index)
+    return (x, kv), None

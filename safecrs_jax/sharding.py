@@ -1,0 +1,253 @@
+"""Device mesh, logical-axis rules and multi-host setup.
+
+The mesh has three named axes:
+  data    — pure data parallelism (parameters replicated),
+  fsdp    — data parallelism with parameters sharded along their `embed` axis,
+  tensor  — tensor (model) parallelism over heads / mlp / vocab.
+Every parameter and activation carries logical axis names (embed, heads, mlp, ...);
+RULES map them to mesh axes. The same code runs on 1 CPU device, 8 fake CPU devices,
+a GPU host or a TPU pod slice: only the mesh changes.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# (logical name, mesh axis | tuple of mesh axes | None). A name may appear several
+# times: the first entry whose mesh axes are still free (and divide the dimension)
+# wins, else the dimension is replicated.
+DEFAULT_RULES = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),       # fused heads*head_dim dim of q / o projections
+    ("kv_heads", "tensor"),    # fused kv_heads*head_dim dim of k / v projections
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    # activations
+    ("act_batch", BATCH_AXES),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    # KV cache [L, B, S, K, H]
+    ("cache_batch", BATCH_AXES),
+    ("cache_length", None),
+    ("cache_kv_heads", "tensor"),
+)
+
+
+def make_mesh(mesh_shape=(("data", 1), ("fsdp", -1), ("tensor", 1)),
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds a Mesh from ((axis, size), ...); one size may be -1 = all remaining devices.
+
+  Sizes must multiply to the device count. Uses jax.make_mesh (topology-aware on
+  TPU/GPU) when given all devices.
+  """
+  mesh_shape = tuple((str(n), int(s)) for n, s in (
+      mesh_shape.items() if hasattr(mesh_shape, "items") else mesh_shape))
+  names = tuple(n for n, _ in mesh_shape)
+  sizes = [s for _, s in mesh_shape]
+  all_devices = devices is None
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh_shape {mesh_shape}: at most one axis may be -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if known <= 0 or n % known:
+      raise ValueError(f"mesh_shape {mesh_shape}: {n} devices not divisible by {known}")
+    sizes[sizes.index(-1)] = n // known
+  if math.prod(sizes) != n:
+    raise ValueError(f"mesh_shape {mesh_shape} needs {math.prod(sizes)} devices, "
+                     f"have {n}")
+  if all_devices:
+    try:
+      return jax.make_mesh(tuple(sizes), names)
+    except Exception:  # older jax / odd topologies: plain reshape below
+      pass
+  return Mesh(np.asarray(devices).reshape(sizes), names)
+
+
+def _axes_tuple(axes) -> tuple:
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def logical_to_spec(names: Sequence[str | None], rules=DEFAULT_RULES,
+                    shape: Sequence[int] | None = None,
+                    mesh: Mesh | None = None) -> PartitionSpec:
+  """Logical axis names of one array -> PartitionSpec.
+
+  With `shape` and `mesh`, a mesh axis is used for a dimension only if its size
+  divides that dimension (else the next matching rule, else replicated), so odd
+  sizes (14 heads on tensor=4, vocab 151936 on 3 devices) never fail to shard.
+  Each mesh axis is used at most once per array.
+  """
+  rules = DEFAULT_RULES if rules is None else rules
+  used: set[str] = set()
+  spec = []
+  for dim, name in enumerate(names):
+    chosen = None
+    for rule_name, axes in rules:
+      if rule_name != name:
+        continue
+      axes = tuple(a for a in _axes_tuple(axes)
+                   if mesh is None or a in mesh.shape)
+      if mesh is not None:  # size-1 axes shard nothing: leave them out
+        axes = tuple(a for a in axes if mesh.shape[a] > 1)
+      if any(a in used for a in axes):
+        continue
+      if shape is not None and mesh is not None and axes:
+        size = math.prod(mesh.shape[a] for a in axes)
+        if shape[dim] % size:
+          # try the longest prefix of the axes that divides
+          while axes and shape[dim] % math.prod(mesh.shape[a] for a in axes):
+            axes = axes[:-1]
+      chosen = axes
+      break
+    if chosen:
+      used.update(chosen)
+      spec.append(chosen[0] if len(chosen) == 1 else chosen)
+    else:
+      spec.append(None)
+  return PartitionSpec(*spec)
+
+
+def _is_names(x) -> bool:
+  return isinstance(x, tuple) and all(e is None or isinstance(e, str) for e in x)
+
+
+def logical_to_sharding(logical_axes_tree, mesh: Mesh, rules=None, shapes=None):
+  """Tree of logical-name tuples -> tree of NamedSharding.
+
+  `shapes`: optional matching tree of arrays / ShapeDtypeStructs; with it, dims that
+  a mesh axis does not divide are replicated instead of failing.
+  """
+  if shapes is None:
+    return jax.tree.map(lambda n: NamedSharding(mesh, logical_to_spec(n, rules)),
+                        logical_axes_tree, is_leaf=_is_names)
+  return jax.tree.map(
+      lambda n, s: NamedSharding(mesh, logical_to_spec(n, rules, s.shape, mesh)),
+      logical_axes_tree, shapes, is_leaf=_is_names)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Sharding of a [B, ...] array: B over (data, fsdp), the rest replicated."""
+  axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+  return NamedSharding(mesh, PartitionSpec(axes, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def constrain(x, names: Sequence[str | None], mesh: Mesh | None, rules=None):
+  """with_sharding_constraint by logical names; identity when mesh is None."""
+  if mesh is None:
+    return x
+  spec = logical_to_spec(names, rules, x.shape, mesh)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+# -- multi-host ---------------------------------------------------------------
+
+_DISTRIBUTED_ENV = (
+    "JAX_COORDINATOR_ADDRESS",   # explicit jax launch
+    "COORDINATOR_ADDRESS",
+    "TPU_WORKER_HOSTNAMES",      # Cloud TPU pod slice (multi-host)
+    "MEGASCALE_COORDINATOR_ADDRESS",
+    "SLURM_JOB_ID",              # SLURM (GPU clusters)
+    "OMPI_COMM_WORLD_SIZE",      # Open MPI
+)
+
+
+def _env_num_processes() -> int | None:
+  for key in ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
+              "WORLD_SIZE"):
+    if os.environ.get(key, "").isdigit():
+      return int(os.environ[key])
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES")
+  if hosts:
+    return len([h for h in hosts.split(",") if h])
+  return None
+
+
+_initialized = False
+
+
+def maybe_initialize_distributed() -> bool:
+  """Calls jax.distributed.initialize() when launched as one of several processes.
+
+  Detection: JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES, JAX_PROCESS_ID), a Cloud
+  TPU pod slice (TPU_WORKER_HOSTNAMES with >1 host), SLURM (SLURM_NTASKS > 1) or
+  Open MPI. jax auto-detects coordinator and ids for TPU / SLURM / MPI; explicit
+  JAX_* variables are passed through. Single-process runs are left untouched.
+  Returns True when initialize() was called (now or earlier).
+  """
+  global _initialized
+  if _initialized:
+    return True
+  num = _env_num_processes()
+  addr = os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("COORDINATOR_ADDRESS")
+  if not addr and (num is None or num <= 1):
+    return False
+  if not addr and not any(k in os.environ for k in _DISTRIBUTED_ENV):
+    return False
+  kwargs = {}
+  if addr:
+    kwargs["coordinator_address"] = addr
+    if num is not None:
+      kwargs["num_processes"] = num
+    pid = os.environ.get("JAX_PROCESS_ID")
+    if pid is not None and pid.isdigit():
+      kwargs["process_id"] = int(pid)
+  jax.distributed.initialize(**kwargs)
+  _initialized = True
+  return True
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0
+
+
+def process_slice(global_batch: int) -> slice:
+  """Rows [start, stop) of a global batch that this process loads.
+
+  Processes take equal contiguous blocks in process order, which matches
+  host_local_to_global / batch_sharding on a mesh built by make_mesh.
+  """
+  n, i = jax.process_count(), jax.process_index()
+  if global_batch % n:
+    raise ValueError(f"global batch {global_batch} not divisible by {n} processes")
+  per = global_batch // n
+  return slice(i * per, (i + 1) * per)
+
+
+def host_local_to_global(local_batch, mesh: Mesh, sharding: NamedSharding | None = None):
+  """Tree of this process's [B_local, ...] numpy arrays -> global jax arrays.
+
+  Single process: a plain device_put into batch_sharding. Several processes: each
+  contributes its block (see process_slice) of the global batch.
+  """
+  def one(x):
+    x = np.asarray(x)
+    s = sharding or batch_sharding(mesh, x.ndim)
+    if jax.process_count() == 1:
+      return jax.device_put(x, s)
+    from jax.experimental import multihost_utils
+    return multihost_utils.host_local_array_to_global_array(x, mesh, s.spec)
+  return jax.tree.map(one, local_batch)
