@@ -22,10 +22,12 @@ from safecrs_jax.models.decoder import (
     param_shardings,
     positions_from_mask,
 )
+from safecrs_jax.models.hf_io import CheckpointError, hf_tensor_names, load_hf, save_hf
 from safecrs_jax.models.presets import PRESETS
 
 __all__ = [
-    "ConfigError", "Decoder", "ModelConfig", "PRESETS", "abstract_params",
+    "CheckpointError", "ConfigError", "Decoder", "ModelConfig", "PRESETS", "abstract_params",
     "cache_logical_axes", "count_params", "forward", "forward_cached", "init_cache",
-    "init_params", "param_logical_axes", "param_shardings", "positions_from_mask",
+    "hf_tensor_names", "init_params", "load_hf", "param_logical_axes", "param_shardings",
+    "positions_from_mask", "save_hf",
 ]
