@@ -1,0 +1,197 @@
+"""Rollouts: jitted prefill + per-token decode with the model's KV cache.
+
+Shape legend:
+  B  prompts; G samples per prompt; N = B * G rollouts (G consecutive rows per prompt)
+  P  prompt length (left-padded); T  max new tokens; V  vocab
+
+One compiled program per (model config, sampling config, B, P): the prompts are
+prefilled into a cache of P + T slots, then a `lax.while_loop` emits one token
+per iteration for every row and stops early once every row has emitted a stop
+token (or after T tokens).
+
+Log-probs and temperature. The policy being optimised is the *tempered* model,
+pi(y) = softmax(logits / temperature), and that is what `logprobs` holds for
+every emitted token (float32) — the same quantity `token_logprobs` computes for
+the learner, so on-policy importance ratios start at 1. top-k / top-p only
+truncate what the sampler may draw: `sampled_logprobs` holds the log-prob under
+the truncated, renormalised distribution actually drawn from (equal to
+`logprobs` when both are off, the paper default). Greedy decoding
+(temperature == 0 or greedy=True) reports log_softmax(logits) (temperature 1).
+"""
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from safecrs_jax import models
+from safecrs_jax import sharding as shd
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How to sample (hashable; a static jit argument)."""
+  max_new_tokens: int             # T
+  num_samples: int = 1            # G rollouts per prompt
+  temperature: float = 1.0        # 0 = greedy
+  top_p: float = 1.0              # nucleus mass kept (1.0 = off)
+  top_k: int = 0                  # most likely tokens kept (0 = off)
+  greedy: bool = False            # argmax decoding (also when temperature == 0)
+  stop_ids: tuple = ()            # a row stops after emitting any of these (EOS, end-of-turn)
+  pad_id: int = 0                 # written after a row stopped
+
+  def __post_init__(self):
+    object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+    if self.max_new_tokens < 1 or self.num_samples < 1:
+      raise ValueError(f"SamplingConfig: max_new_tokens and num_samples must be >= 1, got {self}")
+    if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+      raise ValueError(f"SamplingConfig: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {self}")
+
+  @property
+  def is_greedy(self) -> bool:
+    return self.greedy or self.temperature == 0.0
+
+  @property
+  def logit_scale(self) -> float:
+    """1 / the temperature the log-probs are taken at."""
+    return 1.0 if self.is_greedy else 1.0 / self.temperature
+
+
+class Rollout(NamedTuple):
+  tokens: jax.Array            # [N, T] int32 completion ids; pad_id after the stop
+  mask: jax.Array              # [N, T] int32 1 up to and including the stop token
+  logprobs: jax.Array          # [N, T] float32 log pi(token) of the tempered policy; 0 off-mask
+  sampled_logprobs: jax.Array  # [N, T] float32 under the truncated (top-k/top-p) distribution
+  lengths: jax.Array           # [N] int32 completion tokens (incl. the stop token)
+
+
+def filter_logits(logits, top_k=0, top_p=1.0):
+  """Sets logits outside the top-k / nucleus (top-p) set to -inf. logits [N, V] float32.
+
+  top-p keeps the smallest set of most likely tokens whose mass reaches top_p
+  (the most likely token always stays); ties at the cut-off are kept.
+  """
+  if top_k and top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    sorted_ = jnp.sort(logits, axis=-1)[:, ::-1]                      # descending
+    probs = jax.nn.softmax(sorted_, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs                       # mass strictly above
+    keep = before < top_p
+    cut = jnp.min(jnp.where(keep, sorted_, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cut, -jnp.inf, logits)
+  return logits
+
+
+def _gather(logp, ids):
+  return jnp.take_along_axis(logp, ids[:, None], axis=-1)[:, 0]
+
+
+def _sample_step(logits, key, cfg: SamplingConfig):
+  """logits [N, V] float32 -> (token [N], logprob [N], sampled_logprob [N])."""
+  scaled = logits * cfg.logit_scale
+  logp = jax.nn.log_softmax(scaled, axis=-1)
+  if cfg.is_greedy:
+    tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    lp = _gather(logp, tok)
+    return tok, lp, lp
+  filtered = filter_logits(scaled, cfg.top_k, cfg.top_p)
+  tok = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+  lp = _gather(logp, tok)
+  if cfg.top_k or cfg.top_p < 1.0:
+    return tok, lp, _gather(jax.nn.log_softmax(filtered, axis=-1), tok)
+  return tok, lp, lp
+
+
+def _constrain_batch(x, mesh):
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, shd.batch_sharding(mesh, x.ndim))
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "cfg", "mesh", "rules"))
+def _generate(model_cfg, params, prompt_ids, prompt_mask, rng, cfg, mesh, rules):
+  prompt_ids = jnp.repeat(prompt_ids, cfg.num_samples, axis=0)          # [N, P]
+  prompt_mask = jnp.repeat(prompt_mask, cfg.num_samples, axis=0)
+  prompt_ids = _constrain_batch(prompt_ids.astype(jnp.int32), mesh)
+  prompt_mask = _constrain_batch(prompt_mask.astype(jnp.int32), mesh)
+  n, p = prompt_ids.shape
+  t_max = cfg.max_new_tokens
+  cache = models.init_cache(model_cfg, n, p + t_max, mesh=mesh, rules=rules)
+  logits, cache = models.forward_cached(model_cfg, params, prompt_ids, prompt_mask, cache,
+                                        mesh=mesh, rules=rules)
+  last = _constrain_batch(logits[:, -1].astype(jnp.float32), mesh)       # [N, V]
+  stop = jnp.asarray(cfg.stop_ids or (-1,), jnp.int32)
+
+  def cond(state):
+    t, _, _, _, done, *_ = state
+    return (t < t_max) & ~jnp.all(done)
+
+  def body(state):
+    t, cache, last, out, done, lps, slps = state
+    tok, lp, slp = _sample_step(last, jax.random.fold_in(rng, t), cfg)
+    live = ~done
+    tok = jnp.where(live, tok, cfg.pad_id)
+    out = out.at[:, t].set(tok)
+    lps = lps.at[:, t].set(jnp.where(live, lp, 0.0))
+    slps = slps.at[:, t].set(jnp.where(live, slp, 0.0))
+    done = done | jnp.isin(tok, stop)
+    logits, cache = models.forward_cached(
+        model_cfg, params, tok[:, None], jnp.ones((n, 1), jnp.int32), cache, mesh=mesh, rules=rules)
+    last = _constrain_batch(logits[:, -1].astype(jnp.float32), mesh)
+    return t + 1, cache, last, out, done, lps, slps
+
+  zeros_f = _constrain_batch(jnp.zeros((n, t_max), jnp.float32), mesh)
+  state = (jnp.int32(0), cache, last,
+           _constrain_batch(jnp.full((n, t_max), cfg.pad_id, jnp.int32), mesh),
+           _constrain_batch(jnp.zeros((n,), bool), mesh), zeros_f, zeros_f)
+  _, _, _, out, _, lps, slps = jax.lax.while_loop(cond, body, state)
+  # mask: positions up to and including the first stop token (all T if none).
+  is_stop = jnp.isin(out, stop)
+  after_stop = jnp.cumsum(is_stop, axis=1) - is_stop                     # stops strictly before
+  mask = (after_stop == 0).astype(jnp.int32)
+  return Rollout(out, mask, lps * mask, slps * mask, mask.sum(1).astype(jnp.int32))
+
+
+def generate(model_cfg, params, prompt_ids, prompt_mask, rng, cfg: SamplingConfig, mesh=None,
+             rules=None):
+  """Samples cfg.num_samples completions for each left-padded prompt.
+
+  Args:
+    model_cfg: models.ModelConfig (static).
+    params: model params (placed / sharded as the caller wants).
+    prompt_ids, prompt_mask: [B, P] int, left-padded (mask 0 on padding).
+    rng: PRNG key; the same key gives the same rollouts (token t uses
+      fold_in(rng, t); threefry is partitionable, so the mesh does not matter).
+    cfg: SamplingConfig (static).
+    mesh: when given, rollouts are kept sharded over its (data, fsdp) axes;
+      N = B * G must then divide by their size. rules: logical-axis rules
+      (tuple; None = sharding.DEFAULT_RULES) for the model's activations.
+  Returns:
+    Rollout with [N, T] arrays, rows i*G .. i*G+G-1 from prompt i.
+  """
+  if prompt_ids.shape != prompt_mask.shape or prompt_ids.ndim != 2:
+    raise ValueError(f"generate: prompt_ids {prompt_ids.shape} and prompt_mask {prompt_mask.shape} "
+                     "must both be [B, P]")
+  return _generate(model_cfg, params, prompt_ids, prompt_mask, rng, cfg, mesh,
+                   None if rules is None else tuple(map(tuple, rules)))
+
+
+def token_logprobs(model_cfg, params, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                   temperature=1.0, mesh=None, rules=None):
+  """log pi(completion token) under the tempered model, by one full forward. Jittable.
+
+  prompt_ids / prompt_mask: [n, P] left-padded; completion_ids / completion_mask:
+  [n, T]. Returns [n, T] float32 (0 off the completion mask), on the same
+  footing as Rollout.logprobs (logits / temperature; pass 1.0 for greedy).
+  """
+  ids = jnp.concatenate([prompt_ids, completion_ids], axis=1).astype(jnp.int32)
+  mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(jnp.int32)
+  p, t = prompt_ids.shape[1], completion_ids.shape[1]
+  logits = models.forward(model_cfg, params, ids, mask, mesh=mesh, rules=rules)
+  logits = logits[:, p - 1:p + t - 1]                                       # [n, T, V]
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+  out = jnp.take_along_axis(logp, completion_ids[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return out * completion_mask.astype(jnp.float32)
