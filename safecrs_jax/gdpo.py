@@ -26,6 +26,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
+
+from safecrs_jax import rollout
 
 ADV_EPS = 1e-4  # (r - mean) / (std + ADV_EPS), as in the reference trainers
 ADVANTAGE_MODES = ("gdpo", "grpo", "rank")
@@ -285,3 +289,142 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, cfg):
   tok = jnp.maximum(sums["tokens"], 1.0)
   return loss, {"kl": sums["kl"] / tok, "clip_low": sums["low_clipped"] / tok,
                 "clip_high": sums["high_clipped"] / tok}
+
+
+# --------------------------------------------------------------------------
+# Rank mode: which list item each completion token belongs to
+# --------------------------------------------------------------------------
+
+def newline_token_ids(tokenizer):
+  """Sorted ids whose decoded text contains a newline (they end a line)."""
+  ids = [i for i in range(len(tokenizer))
+         if "\n" in tokenizer.decode([i], skip_special_tokens=False)]
+  return np.asarray(ids, np.int32)
+
+
+def item_index(tokens, mask, newline_ids, stop_ids, rec_num, decode=None):
+  """Host-side token -> list-item map for rank-level advantages.
+
+  tokens / mask: [N, T] completion ids and completion mask; stop_ids: the
+  sampler's stop tokens (a final stop token belongs to no item). A line ends at a
+  token holding a newline (that token belongs to the line before). Without
+  `decode`, line j is item j (the Rank-GRPO convention for bare lists). With
+  `decode` (ids -> text), only lines that parse as one `Title (Year)` count as
+  items, numbered in order; inside a `<solution>` block when the completion has
+  one — so tags and reasoning lines never take an item's advantage.
+  Returns [N, T] int32 item index in [0, rec_num), or -1 (no item: non-item
+  lines, tokens past item rec_num, the stop token, padding).
+  """
+  from safecrs_jax.saferec import parsing
+  tokens, mask = np.asarray(tokens), np.asarray(mask).astype(bool)
+  stop_ids = {int(i) for i in stop_ids}
+  is_nl = np.isin(tokens, np.asarray(newline_ids)) & mask
+  line = np.cumsum(is_nl, axis=1) - is_nl                     # line of each token
+  out = np.full(tokens.shape, -1, np.int32)
+  for r in range(tokens.shape[0]):
+    n = int(mask[r].sum())
+    if n == 0:
+      continue
+    body = n - 1 if int(tokens[r, n - 1]) in stop_ids else n  # the stop token: no item
+    if body == 0:
+      continue
+    if decode is None:
+      item_of_line = np.arange(line[r, body - 1] + 1)
+    else:
+      ends = np.flatnonzero(is_nl[r, :body])
+      starts = np.concatenate([[0], ends + 1])
+      stops = np.concatenate([ends + 1, [body]])
+      texts = [decode(tokens[r, a:b].tolist()) for a, b in zip(starts, stops)]
+      full = "".join(texts)
+      inside = "<solution>" not in full
+      item_of_line, k = np.full(len(texts), -1), 0
+      for j, text in enumerate(texts):
+        if "<solution>" in text:
+          inside = True
+          text = text.split("<solution>", 1)[1]
+        if "</solution>" in text:
+          text, inside_after = text.split("</solution>", 1)[0], False
+        else:
+          inside_after = inside
+        if inside and parsing.parse_line(text.strip()) is not None:
+          item_of_line[j], k = k, k + 1
+        inside = inside_after
+    idx = item_of_line[line[r, :body]]
+    out[r, :body] = np.where(idx < rec_num, idx, -1)
+  return out
+
+
+def token_advantages(rank_adv, items):
+  """[N, K] item advantages + [N, T] item index (-1 = none) -> [N, T] per-token advantages."""
+  rank_adv, items = np.asarray(rank_adv, np.float32), np.asarray(items)
+  picked = np.take_along_axis(rank_adv, np.clip(items, 0, rank_adv.shape[1] - 1), axis=1)
+  return np.where(items >= 0, picked, 0.0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------
+# The learner step
+# --------------------------------------------------------------------------
+
+def train_step(state, ref_params, batch, *, model_cfg, loss_cfg, tx, schedule,
+               temperature=1.0, mesh=None, rules=None):
+  """One optimizer update on a rollout batch, accumulating over M micro-batches.
+
+  state: train_state.TrainState (full fine-tuning: state.lora is None).
+  ref_params: the frozen reference params, or None when loss_cfg.beta == 0.
+  batch: dict of arrays with a leading micro-batch axis M, rows n per micro-batch:
+    prompt_ids, prompt_mask [M, n, P] (left-padded, one row per rollout),
+    completion_ids, completion_mask [M, n, T], old_logp [M, n, T] (the
+    rollout's log-probs), advantages [M, n] or [M, n, T] (rank mode).
+  Log-probs are taken at `temperature` (as the sampler reports them). The loss
+  is LossConfig's aggregation over the whole step; each micro-batch adds the
+  gradient of its share (micro_batch_loss), so M micro-batches equal one big one.
+  Returns (state', metrics: loss, kl, clip_low, clip_high, ratio (token mean),
+  grad_norm, lr, tokens).
+  """
+  if state.lora is not None:
+    raise ValueError("gdpo.train_step trains full parameters; merge LoRA adapters first")
+  mask_all = batch["completion_mask"].astype(jnp.float32)
+  num_micro, n_per = mask_all.shape[:2]
+  total_tokens = jnp.maximum(mask_all.sum(), 1.0)
+  total_seqs = num_micro * n_per
+
+  def logp_of(params, mb):
+    return rollout.token_logprobs(model_cfg, params, mb["prompt_ids"], mb["prompt_mask"],
+                                  mb["completion_ids"], mb["completion_mask"],
+                                  temperature, mesh=mesh, rules=rules)
+
+  def micro(params, mb):
+    logp = logp_of(params, mb)                                              # [n, T]
+    ref = None
+    if loss_cfg.beta > 0:
+      ref = jax.lax.stop_gradient(logp_of(ref_params, mb))
+    share, sums = micro_batch_loss(
+        logp, mb["old_logp"], ref, mb["advantages"], mb["completion_mask"], loss_cfg,
+        total_tokens=total_tokens, total_seqs=total_seqs, num_micro=num_micro)
+    sums["ratio"] = masked_sum(jnp.exp(logp - mb["old_logp"]), mb["completion_mask"].astype(jnp.float32))
+    return share, sums
+
+  grad_fn = jax.value_and_grad(micro, has_aux=True)
+  params = state.params
+
+  def body(carry, mb):
+    g_acc, l_acc, s_acc = carry
+    (share, sums), g = grad_fn(params, mb)
+    g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+    s_acc = jax.tree.map(jnp.add, s_acc, sums)
+    return (g_acc, l_acc + share, s_acc), None
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  zero_sums = {k: jnp.zeros((), jnp.float32)
+               for k in ("kl", "low_clipped", "high_clipped", "tokens", "ratio")}
+  (grads, loss, sums), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32), zero_sums), batch)
+  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+  updates, opt_state = tx.update(grads, state.opt_state, params)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(params, updates),
+                            opt_state=opt_state)
+  tok = jnp.maximum(sums["tokens"], 1.0)
+  metrics = {"loss": loss, "kl": sums["kl"] / tok, "clip_low": sums["low_clipped"] / tok,
+             "clip_high": sums["high_clipped"] / tok, "ratio": sums["ratio"] / tok,
+             "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
+             "tokens": sums["tokens"]}
+  return new_state, metrics
