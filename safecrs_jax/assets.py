@@ -1,0 +1,110 @@
+"""Resolves the config sentinels to real directories, building them once.
+
+    data.dir == "mini"        -> SafeRec-mini generated with seed data.mini_seed
+    tokenizer.path == "local" -> byte-level BPE trained on that data's train split
+    tokenizer.path == ""      -> the tokenizer next to model.hf_dir
+
+Built assets live in a cache folder (data.cache_dir, else $SAFECRS_CACHE, else
+~/.cache/safecrs_jax). Each is built into a temporary sibling folder and
+renamed into place, so concurrent or crashed builds never leave half an asset:
+a finished folder is complete by construction. Shared by SFT, GDPO and
+evaluation.
+"""
+import hashlib
+import os
+import shutil
+import tempfile
+
+# Bump when the generator or tokenizer recipe changes so old caches are not reused.
+_MINI_VERSION = "v1"
+_TOKENIZER_VERSION = "v1"
+MINI = "mini"
+LOCAL_TOKENIZER = "local"
+DEFAULT_LOCAL_VOCAB = 2048
+
+
+def cache_root(config=None):
+  """The cache folder for built assets."""
+  explicit = config.data.get("cache_dir", "") if config is not None else ""
+  root = explicit or os.environ.get("SAFECRS_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "safecrs_jax")
+  os.makedirs(root, exist_ok=True)
+  return os.path.abspath(root)
+
+
+def build_once(final_dir, build_fn):
+  """Runs build_fn(tmp_dir) and renames tmp_dir to final_dir, unless it exists.
+
+  If another process finishes first, its result is kept and ours discarded.
+  """
+  final_dir = os.path.abspath(final_dir)
+  if os.path.isdir(final_dir):
+    return final_dir
+  parent = os.path.dirname(final_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(final_dir) + ".tmp-", dir=parent)
+  try:
+    build_fn(tmp)
+    try:
+      os.rename(tmp, final_dir)
+    except OSError:
+      if not os.path.isdir(final_dir):  # not a lost race: a real failure
+        raise
+  finally:
+    if os.path.isdir(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+  return final_dir
+
+
+def mini_dir(seed=0, root=None):
+  """SafeRec-mini (released layout) generated with `seed`, built once."""
+  from safecrs_jax.saferec import mini  # imported lazily: only when needed
+  root = root or cache_root()
+  final = os.path.join(root, f"saferec_mini_{_MINI_VERSION}_seed{int(seed)}")
+  return build_once(final, lambda tmp: mini.generate(tmp, seed=int(seed)))
+
+
+def resolve_data_dir(config):
+  """config.data.dir with the "mini" sentinel resolved to a built directory."""
+  d = config.data.dir
+  if d == MINI:
+    return mini_dir(config.data.get("mini_seed", 0), cache_root(config))
+  if not d or not os.path.isdir(d):
+    raise FileNotFoundError(f"data.dir {d!r} does not exist (use 'mini' for SafeRec-mini)")
+  return os.path.abspath(d)
+
+
+def _data_key(config, data_dir):
+  if config.data.dir == MINI:
+    return f"mini{_MINI_VERSION}-seed{int(config.data.get('mini_seed', 0))}"
+  return "dir-" + hashlib.sha256(os.path.abspath(data_dir).encode()).hexdigest()[:12]
+
+
+def local_tokenizer_dir(rows_fn, key, vocab_size=DEFAULT_LOCAL_VOCAB, root=None):
+  """The locally trained tokenizer for data `key`, built once from rows_fn()."""
+  from safecrs_jax import tokens
+  root = root or cache_root()
+  final = os.path.join(root, f"tokenizer_{_TOKENIZER_VERSION}_{key}_v{int(vocab_size)}")
+  return build_once(final, lambda tmp: tokens.build_local_tokenizer(
+      tokens.rows_texts(rows_fn()), tmp, vocab_size=int(vocab_size)))
+
+
+def resolve_tokenizer_path(config, data_dir=None):
+  """config.tokenizer.path with "" (model dir) and "local" (demo BPE) resolved."""
+  path = config.tokenizer.path
+  if path == LOCAL_TOKENIZER:
+    from safecrs_jax import saferec
+    data_dir = data_dir or resolve_data_dir(config)
+    strict = config.data.get("strict", True)
+    return local_tokenizer_dir(
+        lambda: saferec.load_split(data_dir, "train", stage="sft", strict=strict),
+        _data_key(config, data_dir),
+        config.tokenizer.get("local_vocab_size", DEFAULT_LOCAL_VOCAB), cache_root(config))
+  if not path:
+    path = config.model.hf_dir
+    if not path:
+      raise ValueError("tokenizer.path is empty and model.hf_dir is not set: "
+                       "nothing to load the tokenizer from")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
+  return os.path.abspath(path)

@@ -1,0 +1,131 @@
+"""Metric writers (JSON lines, TensorBoard) and a console progress bar.
+
+Generic over metric names, shared by Safe-SFT and Safe-GDPO:
+
+    writer = metrics_log.MetricWriter(workdir, tensorboard=True)
+    writer.write(step, {"train/loss": 1.2, "train/lr": 5e-5})
+    writer.close()
+
+Only process 0 writes; other processes get a writer that does nothing, so the
+training loop calls it unconditionally. Values may be Python/NumPy/JAX scalars
+(converted with float(); call it at logging points only — it syncs the host).
+"""
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+
+def _scalar(v):
+  if isinstance(v, (int, float, np.integer, np.floating, bool)):
+    return float(v)
+  arr = np.asarray(v)
+  if arr.size != 1:
+    raise ValueError(f"metric value must be a scalar, got shape {arr.shape}")
+  return float(arr.reshape(()))
+
+
+class JsonlWriter:
+  """Appends {"step": s, "time": t, **metrics} lines to `path`."""
+
+  def __init__(self, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    self._f = open(path, "a", encoding="utf-8")
+
+  def write(self, step, metrics):
+    rec = {"step": int(step), "time": time.time()}
+    rec.update({k: _scalar(v) for k, v in metrics.items()})
+    self._f.write(json.dumps(rec) + "\n")
+    self._f.flush()
+
+  def close(self):
+    self._f.close()
+
+
+class TensorBoardWriter:
+  """Scalars as TensorBoard events (tensorboardX) under `logdir`."""
+
+  def __init__(self, logdir):
+    from tensorboardX import SummaryWriter  # optional dependency at import time
+    self._w = SummaryWriter(logdir=logdir, flush_secs=30)
+
+  def write(self, step, metrics):
+    for k, v in metrics.items():
+      self._w.add_scalar(k, _scalar(v), int(step))
+
+  def close(self):
+    self._w.flush()
+    self._w.close()
+
+
+class MetricWriter:
+  """Fan-out to JSONL (`<workdir>/metrics.jsonl`) and TensorBoard (`<workdir>/tb`).
+
+  Does nothing on processes other than 0 (or when `enabled=False`).
+  """
+
+  def __init__(self, workdir, *, tensorboard=True, jsonl_name="metrics.jsonl",
+               enabled=None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._writers = []
+    if not self.enabled:
+      return
+    self._writers.append(JsonlWriter(os.path.join(workdir, jsonl_name)))
+    if tensorboard:
+      self._writers.append(TensorBoardWriter(os.path.join(workdir, "tb")))
+
+  def write(self, step, metrics):
+    if not self.enabled or not metrics:
+      return
+    for w in self._writers:
+      w.write(step, metrics)
+
+  def close(self):
+    for w in self._writers:
+      w.close()
+    self._writers = []
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def read_jsonl(path):
+  """All records of a metrics.jsonl file (for tests, plots and reports)."""
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+  """tqdm bar over optimizer steps on process 0; a no-op elsewhere or when disabled."""
+
+  def __init__(self, total, *, initial=0, desc="train", enabled=True):
+    self._bar = None
+    if enabled and jax.process_index() == 0:
+      from tqdm.auto import tqdm
+      self._bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
+                       mininterval=1.0)
+
+  def update(self, n=1, **postfix):
+    if self._bar is None:
+      return
+    if postfix:
+      self._bar.set_postfix({k: (f"{_scalar(v):.4g}" if not isinstance(v, str) else v)
+                             for k, v in postfix.items()}, refresh=False)
+    self._bar.update(n)
+
+  def write(self, text):
+    """Prints a line without breaking the bar (process 0 only)."""
+    if self._bar is not None:
+      self._bar.write(text)
+    elif jax.process_index() == 0:
+      print(text, flush=True)
+
+  def close(self):
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None

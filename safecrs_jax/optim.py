@@ -1,0 +1,64 @@
+"""Optimiser and learning-rate schedules from the `optim` config section.
+
+`make_optimizer(optim_cfg, total_steps)` returns `(tx, schedule)`: AdamW with
+decoupled weight decay (applied to matrices only, never to norms or biases)
+behind global-norm clipping, and the schedule so the driver can log the
+learning rate of every step. Schedules follow the Hugging Face Trainer (the
+paper's reference): linear warmup from 0 over `ceil(warmup_ratio * total)`
+steps, then cosine to 0 at `total_steps`, or constant.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+SCHEDULES = ("cosine", "constant", "linear")
+
+
+def warmup_steps(optim_cfg, total_steps):
+  """Number of warmup steps: ceil(warmup_ratio * total_steps), as HF does."""
+  ratio = float(optim_cfg.get("warmup_ratio", 0.0))
+  if not 0.0 <= ratio < 1.0:
+    raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {ratio}")
+  return int(math.ceil(ratio * total_steps))
+
+
+def make_schedule(optim_cfg, total_steps):
+  """lr(step) for step = number of updates already applied (0 for the first)."""
+  lr = float(optim_cfg.lr)
+  kind = optim_cfg.get("schedule", "cosine")
+  if kind not in SCHEDULES:
+    raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {kind!r}")
+  if total_steps <= 0:
+    raise ValueError(f"total_steps must be > 0, got {total_steps}")
+  warm = warmup_steps(optim_cfg, total_steps)
+  decay = max(total_steps - warm, 1)
+  if kind == "constant":
+    after = optax.constant_schedule(lr)
+  elif kind == "linear":
+    after = optax.linear_schedule(lr, 0.0, decay)
+  else:
+    after = optax.cosine_decay_schedule(lr, decay, alpha=0.0)
+  if warm == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), after], [warm])
+
+
+def decay_mask(params):
+  """True for the leaves weight decay applies to: matrices (ndim >= 2)."""
+  return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def make_optimizer(optim_cfg, total_steps):
+  """(optax GradientTransformation, schedule) for `total_steps` updates."""
+  schedule = make_schedule(optim_cfg, total_steps)
+  parts = []
+  clip = float(optim_cfg.get("grad_clip", 0.0))
+  if clip > 0:
+    parts.append(optax.clip_by_global_norm(clip))
+  parts.append(optax.adamw(
+      learning_rate=schedule, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2),
+      eps=float(optim_cfg.eps), weight_decay=float(optim_cfg.get("weight_decay", 0.0)),
+      mask=decay_mask))
+  return optax.chain(*parts), schedule

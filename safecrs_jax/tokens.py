@@ -1,0 +1,275 @@
+"""Tokenizer loading, chat templates, SFT masks and padding buckets.
+
+Shape legend: N rows, B batch, T padded sequence length, P padded prompt length.
+
+SFT rows become one token sequence each:
+
+    chat_template(prompt, add_generation_prompt=True) + completion + <end-of-turn>
+    |<------------------- prompt ------------------->| |<------- loss ------->|
+
+`loss_mask[t] = 1` marks the tokens that are *targets* (the completion and the
+end-of-turn token); the step predicts token t from tokens < t, so it weights
+the next-token loss at position t-1 by `loss_mask[t]`. Sequences are padded on
+the RIGHT for training (to the smallest bucket that fits the longest row of
+the batch) and prompts on the LEFT for generation (`encode_prompts`).
+Rows longer than `max_length` lose tokens from the left of the prompt; if the
+completion alone is too long it is cut on the right (its end-of-turn is then
+lost) and counted separately.
+"""
+import dataclasses
+import os
+
+import numpy as np
+
+# End-of-turn markers of the chat templates we know, tried in this order.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+# The special tokens of the locally trained (demo) tokenizer.
+IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def load_tokenizer(path):
+  """Loads the HF tokenizer saved in directory `path` (no network)."""
+  from transformers import AutoTokenizer  # heavy import, kept local
+  if not path or not os.path.isdir(path):
+    raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
+  tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+  if not getattr(tok, "chat_template", None):
+    raise ValueError(f"tokenizer in {path!r} has no chat_template; SFT needs one")
+  return tok
+
+
+def end_of_turn_id(tokenizer):
+  """Id of the token that closes an assistant turn (falls back to EOS)."""
+  vocab = tokenizer.get_vocab()
+  for token in END_OF_TURN_TOKENS:
+    if token in vocab:
+      return int(vocab[token])
+  if tokenizer.eos_token_id is None:
+    raise ValueError("tokenizer has neither a known end-of-turn token nor an EOS token")
+  return int(tokenizer.eos_token_id)
+
+
+def stop_token_ids(tokenizer):
+  """Sorted ids that end generation: EOS (all of them) and the end-of-turn token."""
+  ids = {end_of_turn_id(tokenizer)}
+  eos = tokenizer.eos_token_id
+  if eos is not None:
+    ids.update([eos] if isinstance(eos, int) else eos)
+  return tuple(sorted(int(i) for i in ids))
+
+
+def pad_id(tokenizer):
+  """Padding id: the tokenizer's pad token, else EOS (never attended, never a target)."""
+  if tokenizer.pad_token_id is not None:
+    return int(tokenizer.pad_token_id)
+  return int(end_of_turn_id(tokenizer) if tokenizer.eos_token_id is None else tokenizer.eos_token_id)
+
+
+def bucket_length(length, buckets):
+  """Smallest bucket >= length; the largest bucket if none fits (caller truncated)."""
+  buckets = sorted(int(b) for b in buckets)
+  for b in buckets:
+    if length <= b:
+      return b
+  return buckets[-1]
+
+
+def _check_buckets(buckets, limit, name):
+  if not buckets or any(int(b) <= 0 for b in buckets):
+    raise ValueError(f"{name}: buckets must be positive, got {tuple(buckets)}")
+  if max(buckets) < limit:
+    raise ValueError(f"{name}: largest bucket {max(buckets)} < max length {limit}; "
+                     f"add a bucket >= {limit}")
+
+
+def prompt_ids(tokenizer, messages):
+  """Token ids of the chat-templated `messages` with the generation prompt added.
+
+  Control tokens typed inside message texts are encoded as plain text, so a
+  user cannot end a turn by writing "<|im_end|>".
+  """
+  return list(tokenizer.apply_chat_template(
+      list(messages), add_generation_prompt=True, tokenize=True, return_dict=False,
+      sanitize_control_tokens=True))
+
+
+def text_ids(tokenizer, text):
+  """Token ids of plain `text` (no special tokens added, none parsed)."""
+  return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+@dataclasses.dataclass
+class SFTExamples:
+  """Tokenized SFT rows (ragged), ready to be collated into padded batches.
+
+  tokens[i]: full sequence (prompt + completion + end-of-turn), int32.
+  prompt_len[i]: number of leading prompt tokens (not targets).
+  """
+  tokens: list
+  prompt_len: np.ndarray   # [N] int
+  pad_id: int
+  num_truncated: int = 0               # rows whose prompt lost tokens on the left
+  num_completion_truncated: int = 0    # rows whose completion was cut on the right
+
+  def __len__(self):
+    return len(self.tokens)
+
+  @property
+  def lengths(self):
+    """[N] sequence lengths."""
+    return np.array([len(t) for t in self.tokens], dtype=np.int64)
+
+  def report(self):
+    return {"rows": len(self), "truncated_prompts": self.num_truncated,
+            "truncated_completions": self.num_completion_truncated}
+
+
+def encode_sft(tokenizer, rows, max_length):
+  """Tokenizes SFT rows ({"prompt": messages, "completion": str}) into SFTExamples."""
+  eot = end_of_turn_id(tokenizer)
+  tokens, plens = [], []
+  n_trunc = n_ctrunc = 0
+  for i, row in enumerate(rows):
+    if "prompt" not in row or "completion" not in row:
+      raise KeyError(f"SFT row {i} lacks 'prompt' or 'completion' (has {sorted(row)})")
+    completion = row["completion"]
+    if not isinstance(completion, str):
+      raise TypeError(f"SFT row {i}: completion must be a string, got {type(completion).__name__}")
+    p = prompt_ids(tokenizer, row["prompt"])
+    c = text_ids(tokenizer, completion) + [eot]
+    if len(c) >= max_length:  # keep one prompt token so the first target has context
+      c = c[:max_length - 1]
+      n_ctrunc += 1
+    excess = len(p) + len(c) - max_length
+    if excess > 0:
+      p = p[excess:]
+      n_trunc += 1
+    tokens.append(np.asarray(p + c, dtype=np.int32))
+    plens.append(len(p))
+  return SFTExamples(tokens, np.asarray(plens, dtype=np.int64), pad_id(tokenizer),
+                     n_trunc, n_ctrunc)
+
+
+def collate_sft(examples, indices, length):
+  """Right-padded batch of `examples[indices]` at sequence length `length`.
+
+  Returns {"input_ids": [B,T] int32, "attention_mask": [B,T] int32,
+           "loss_mask": [B,T] int32} (loss_mask: token t is a target). An index
+  < 0 gives an empty row (all padding, no loss): fills the last eval batch.
+  """
+  n = len(indices)
+  ids = np.full((n, length), examples.pad_id, dtype=np.int32)
+  attn = np.zeros((n, length), dtype=np.int32)
+  loss = np.zeros((n, length), dtype=np.int32)
+  for r, i in enumerate(indices):
+    if i < 0:
+      continue
+    seq = examples.tokens[i]
+    if len(seq) > length:
+      raise ValueError(f"row {i} has {len(seq)} tokens > bucket {length}")
+    ids[r, :len(seq)] = seq
+    attn[r, :len(seq)] = 1
+    loss[r, examples.prompt_len[i]:len(seq)] = 1
+  return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+
+
+@dataclasses.dataclass
+class PromptBatch:
+  """Left-padded prompts for generation.
+
+  input_ids [B,P] int32, attention_mask [B,P] int32 (1 = real token),
+  lengths [B] real tokens per row, num_truncated rows cut on the left.
+  """
+  input_ids: np.ndarray
+  attention_mask: np.ndarray
+  lengths: np.ndarray
+  num_truncated: int
+
+
+def encode_prompts(tokenizer, prompts, *, max_prompt_length, buckets, length=None):
+  """Chat-templated, LEFT-padded prompt batch (cut on the left beyond max_prompt_length).
+
+  prompts: list of message lists. The padded length is the smallest bucket that
+  fits the longest (truncated) prompt, or `length` when given (e.g. so that
+  every process of a multi-host job agrees on one shape).
+  """
+  _check_buckets(buckets, max_prompt_length, "encode_prompts")
+  pad = pad_id(tokenizer)
+  seqs, n_trunc = [], 0
+  for messages in prompts:
+    p = prompt_ids(tokenizer, messages)
+    if len(p) > max_prompt_length:
+      p = p[len(p) - max_prompt_length:]
+      n_trunc += 1
+    seqs.append(p)
+  longest = max((len(s) for s in seqs), default=1)
+  if length is None:
+    length = bucket_length(longest, buckets)
+  elif length < longest:
+    raise ValueError(f"encode_prompts: length {length} < longest prompt {longest}")
+  ids = np.full((len(seqs), length), pad, dtype=np.int32)
+  mask = np.zeros((len(seqs), length), dtype=np.int32)
+  for r, s in enumerate(seqs):
+    if s:
+      ids[r, length - len(s):] = s
+      mask[r, length - len(s):] = 1
+  lengths = np.array([len(s) for s in seqs], dtype=np.int32)
+  return PromptBatch(ids, mask, lengths, n_trunc)
+
+
+# --------------------------------------------------------------------------
+# The offline demo tokenizer.
+
+def _training_texts(texts):
+  for t in texts:
+    if t:
+      yield t
+
+
+def build_local_tokenizer(texts, out_dir, vocab_size=2048):
+  """Trains a byte-level BPE on `texts` and saves it as a HF tokenizer directory.
+
+  ChatML chat template; special tokens <|endoftext|> (id 0, EOS and pad),
+  <|im_start|> (1) and <|im_end|> (2, end of turn). Deterministic for the same
+  texts (in the same order) and vocab_size. Returns out_dir.
+  """
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from transformers import PreTrainedTokenizerFast
+
+  specials = [ENDOFTEXT, IM_START, IM_END]
+  alphabet = pre_tokenizers.ByteLevel.alphabet()
+  if vocab_size < len(alphabet) + len(specials):
+    raise ValueError(f"vocab_size {vocab_size} < {len(alphabet) + len(specials)} "
+                     "(256 bytes + special tokens)")
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                initial_alphabet=alphabet, show_progress=False,
+                                min_frequency=2)
+  tok.train_from_iterator(_training_texts(texts), trainer=trainer)
+  fast = PreTrainedTokenizerFast(
+      tokenizer_object=tok, eos_token=ENDOFTEXT, pad_token=ENDOFTEXT,
+      bos_token=None, unk_token=None, additional_special_tokens=[IM_START, IM_END],
+      model_max_length=1 << 20, padding_side="right", clean_up_tokenization_spaces=False)
+  fast.chat_template = CHATML_TEMPLATE
+  os.makedirs(out_dir, exist_ok=True)
+  fast.save_pretrained(out_dir)
+  return out_dir
+
+
+def rows_texts(rows):
+  """Every text of SFT/GDPO rows (message contents and completions), in order."""
+  for row in rows:
+    for m in row.get("prompt", ()):
+      yield m.get("content", "")
+    c = row.get("completion")
+    if isinstance(c, str):
+      yield c
