@@ -138,6 +138,8 @@ def build(*, stage, model_preset="", model_dir="", data_dir=MINI,
   c.eval.split = "test"          # split to evaluate
   c.eval.batch_size = 16         # prompts per generation batch (global)
   c.eval.max_new_tokens = 1024   # greedy decoding budget
+  c.eval.max_prompt_length = 2048  # prompts cut from the left beyond this
+  c.eval.prompt_buckets = (256, 512, 1024, 2048)  # padded prompt lengths (one compile each)
   c.eval.ks = (5, 10, 20)        # cut-offs for every metric
   c.eval.max_rows = -1           # evaluate only the first N rows (-1 = all)
 
