@@ -1,0 +1,330 @@
+"""The SafeRec safety oracle: per-movie, per-trait risk and the unsafe test.
+
+A movie is unsafe for a user when, for any trait the user avoids, its risk
+score `final` is >= `risk_threshold` (0.66). In the released data
+`final = max(ddd_trigger, pg_risk)` (crowd-sourced trigger, IMDb parents-guide
+risk); the oracle only reads `final`.
+
+Lookup: a `(title, year)` recommendation is normalised with `normalize_title`
+and looked up as `(title, year)`, then `year-1, year+1, year-2, year+2`
+(nearest first, earlier before later), then by title alone (the entry with
+the nearest year, earlier on ties; entries without a year last). The first
+key found decides the movie; if that movie has no risk record it is unknown.
+Unknown movies are safe, and counted (`counts`, `unknown` flags).
+
+Internals: a dense risk table `risk` [M, T] float32 (M movies, T traits), its
+thresholded copy `unsafe` [M+1, T] bool whose last row (index M) is all False
+and stands for "unknown or no item", and a dict from `(title, year)` to row
+that caches every resolved query. A batch of N lists x K ranks x T traits is
+then one gather `unsafe[rows]` [N, K, T] and a mask product, not a Python loop.
+
+Project-native table (`from_table` / `to_table`), JSON lines, UTF-8:
+  line 1, header: {"format": "safecrs_jax.oracle_table", "version": 1,
+                   "traits": ["Trait A", "Trait B", ...]}
+  then one record per item:
+    {"title": "Heat", "year": 1995, "risk": {"Trait A": 0.8, ...}}
+  - "risk": a dict trait -> score in [0, 1] (missing traits are 0), or a list
+    of T scores in header order. Unknown trait names are an error.
+  - "year": an integer or null (null: found only by title).
+  - optional "id" (any string, kept and written back) and "key" (the lookup
+    key to use verbatim instead of normalize_title(title)).
+  The traits can be any list (e.g. ESRB descriptors for games): constraints
+  then name those traits.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from safecrs_jax.saferec.traits import TRAITS, active_traits, constraint_masks
+
+TABLE_FORMAT = "safecrs_jax.oracle_table"
+_ARTICLE = re.compile(r"^(?:the|a|an) ")
+_NON_WORD = re.compile(r"[^\w\s]")
+_SPACES = re.compile(r"\s+")
+_YEAR_OFFSETS = (0, -1, 1, -2, 2)
+_CACHE_LIMIT = 1_000_000
+
+
+def normalize_title(title: str) -> str:
+  """Lower-case, strip, drop a leading 'the '/'a '/'an ', keep only word chars and spaces, collapse."""
+  t = _ARTICLE.sub("", str(title).lower().strip())
+  return _SPACES.sub(" ", _NON_WORD.sub("", t)).strip()
+
+
+def _to_year(year) -> int | None:
+  if year is None or isinstance(year, bool):
+    return None
+  try:
+    return int(str(year).strip())
+  except ValueError:
+    return None
+
+
+def _canon_id(imdb_id) -> str:
+  """'tt0114709', '0114709', 114709 -> '114709' (so the two released files always agree)."""
+  s = str(imdb_id).strip()
+  if s[:2].lower() == "tt":
+    s = s[2:]
+  return str(int(s)) if s.isdigit() else s
+
+
+class SafetyOracle:
+  """Risk table + title index. Build with `from_files`, `from_table` or the constructor.
+
+  Args:
+    keys: mapping (normalised_title, year|None) -> row in `risk`, or -1 for a
+      title the index knows but that has no risk record (unknown).
+    risk: [M, T] risk scores in [0, 1].
+    traits: the T trait names, column order of `risk`.
+    risk_threshold: a trait is unsafe when risk >= this.
+    ids: optional M ids (written back by `to_table`).
+  """
+
+  def __init__(self, keys: Mapping[tuple[str, int | None], int], risk: np.ndarray,
+               traits: Sequence[str] = TRAITS, risk_threshold: float = 0.66,
+               ids: Sequence[str | None] | None = None):
+    risk = np.asarray(risk, dtype=np.float32)
+    if risk.ndim != 2 or risk.shape[1] != len(traits):
+      raise ValueError(f"risk table must be [movies, {len(traits)}], got {risk.shape}")
+    self.traits = tuple(traits)
+    self.trait_index = {t: i for i, t in enumerate(self.traits)}
+    self.risk = risk
+    self.risk_threshold = float(risk_threshold)
+    self.num_movies = risk.shape[0]
+    self.unknown_row = self.num_movies
+    unsafe = risk >= self.risk_threshold
+    self.unsafe = np.concatenate([unsafe, np.zeros((1, len(self.traits)), bool)], axis=0)
+    self.ids = list(ids) if ids is not None else [None] * self.num_movies
+    self._by_title: dict[str, dict[int | None, int]] = {}
+    for (title, year), row in keys.items():
+      if not -1 <= int(row) < self.num_movies:
+        raise ValueError(f"key {(title, year)!r} points at row {row}, table has {self.num_movies}")
+      self._by_title.setdefault(title, {})[_to_year(year)] = int(row)
+    self._cache: dict[tuple, int] = {}
+    self.counts = {"lookups": 0, "unknown": 0}
+
+  # --------------------------------------------------------------- building
+  @classmethod
+  def from_files(cls, trait_sensitivity_json: str, title_to_imdb_pkl: str,
+                 risk_threshold: float = 0.66) -> SafetyOracle:
+    """Read the released `movie_trait_sensitivity.json` and `title_to_imdb.pkl`.
+
+    Traits found in the JSON but not in TRAITS become extra columns after the
+    20 standard ones. A repeated imdbId keeps its first record.
+    """
+    with open(trait_sensitivity_json, encoding="utf-8") as f:
+      records = json.load(f)
+    if not isinstance(records, list):
+      raise ValueError(f"{trait_sensitivity_json}: expected a JSON list of movie records, "
+                       f"got {type(records).__name__}")
+    traits = list(TRAITS)
+    col = {t: i for i, t in enumerate(traits)}
+    row_of_id: dict[str, int] = {}
+    ids, rows = [], []
+    for n, rec in enumerate(records):
+      where = f"{trait_sensitivity_json} record {n}"
+      if not isinstance(rec, dict) or "imdbId" not in rec or not isinstance(rec.get("traits"), dict):
+        raise ValueError(f"{where}: expected {{'imdbId': ..., 'traits': {{trait: {{'final': x}}}}}}")
+      movie_id = _canon_id(rec["imdbId"])
+      if movie_id in row_of_id:
+        continue
+      scores = {}
+      for trait, value in rec["traits"].items():
+        score = value.get("final") if isinstance(value, dict) else value
+        if isinstance(score, bool) or not isinstance(score, (int, float)):
+          raise ValueError(f"{where} field traits[{trait!r}].final: expected a number, got {score!r}")
+        if trait not in col:
+          col[trait] = len(traits)
+          traits.append(trait)
+        scores[col[trait]] = float(score)
+      row_of_id[movie_id] = len(rows)
+      ids.append(str(rec["imdbId"]))
+      rows.append(scores)
+    risk = np.zeros((len(rows), len(traits)), np.float32)
+    for r, scores in enumerate(rows):
+      for c, v in scores.items():
+        risk[r, c] = v
+    with open(title_to_imdb_pkl, "rb") as f:
+      mapping = pickle.load(f)
+    if not isinstance(mapping, dict):
+      raise ValueError(f"{title_to_imdb_pkl}: expected a dict {{(title, year): imdbId}}, "
+                       f"got {type(mapping).__name__}")
+    keys = {}
+    for key, movie_id in mapping.items():
+      if not (isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], str)):
+        raise ValueError(f"{title_to_imdb_pkl}: key {key!r} is not (normalised_title, year)")
+      keys[(key[0], _to_year(key[1]))] = row_of_id.get(_canon_id(movie_id), -1)
+    return cls(keys, risk, traits, risk_threshold, ids)
+
+  @classmethod
+  def from_table(cls, path: str, risk_threshold: float = 0.66) -> SafetyOracle:
+    """Read a project-native JSON-lines table (schema in the module docstring)."""
+    with open(path, encoding="utf-8") as f:
+      lines = [ln for ln in f.read().split("\n") if ln.strip()]
+    if not lines:
+      raise ValueError(f"{path}: empty oracle table (expected a header line)")
+    try:
+      header = json.loads(lines[0])
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} line 1: header is not JSON ({e})") from None
+    traits = header.get("traits") if isinstance(header, dict) else None
+    if not (isinstance(traits, list) and traits and all(isinstance(t, str) for t in traits)):
+      raise ValueError(f"{path} line 1: header needs 'traits': a non-empty list of names")
+    col = {t: i for i, t in enumerate(traits)}
+    risk = np.zeros((len(lines) - 1, len(traits)), np.float32)
+    keys, ids = {}, []
+    for r, line in enumerate(lines[1:]):
+      where = f"{path} line {r + 2}"
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not JSON ({e})") from None
+      if not isinstance(rec, dict) or not isinstance(rec.get("title"), str):
+        raise ValueError(f"{where} field title: expected a string")
+      year = rec.get("year")
+      if year is not None and (isinstance(year, bool) or not isinstance(year, int)):
+        raise ValueError(f"{where} field year: expected an integer or null, got {year!r}")
+      scores = rec.get("risk")
+      if isinstance(scores, list):
+        if len(scores) != len(traits):
+          raise ValueError(f"{where} field risk: {len(scores)} scores for {len(traits)} traits")
+        scores = dict(zip(traits, scores))
+      if not isinstance(scores, dict):
+        raise ValueError(f"{where} field risk: expected a dict or a list of scores")
+      for trait, v in scores.items():
+        if trait not in col:
+          raise ValueError(f"{where} field risk: unknown trait {trait!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+          raise ValueError(f"{where} field risk[{trait!r}]: expected a number, got {v!r}")
+        risk[r, col[trait]] = v
+      key = rec.get("key")
+      if key is not None and not isinstance(key, str):
+        raise ValueError(f"{where} field key: expected a string")
+      keys.setdefault((key if key is not None else normalize_title(rec["title"]), year), r)
+      ids.append(rec.get("id"))
+    return cls(keys, risk, traits, risk_threshold, ids)
+
+  def to_table(self, path: str) -> None:
+    """Write the project-native table: one record per lookup key (schema in the module docstring)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(json.dumps({"format": TABLE_FORMAT, "version": 1, "traits": list(self.traits)}) + "\n")
+      for title, years in self._by_title.items():
+        for year, row in years.items():
+          if row < 0:
+            continue
+          rec = {"title": title, "year": year, "key": title,
+                 "risk": {t: round(float(v), 6) for t, v in zip(self.traits, self.risk[row]) if v}}
+          if self.ids[row] is not None:
+            rec["id"] = self.ids[row]
+          f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+  # ---------------------------------------------------------------- lookups
+  def resolve(self, title: str, year) -> int:
+    """Row of a (title, year) recommendation in `risk`, or -1 when unknown (cached)."""
+    key = (title, year)
+    row = self._cache.get(key)
+    if row is None:
+      row = self._resolve_uncached(title, _to_year(year))
+      if len(self._cache) >= _CACHE_LIMIT:
+        self._cache.clear()
+      self._cache[key] = row
+    return row
+
+  def _resolve_uncached(self, title: str, year: int | None) -> int:
+    years = self._by_title.get(normalize_title(title))
+    if not years:
+      return -1
+    if year is not None:
+      for off in _YEAR_OFFSETS:
+        row = years.get(year + off)
+        if row is not None:
+          return row
+    # Title alone: the dated entry nearest the query year (earlier on ties),
+    # else the undated entry; a query without a year prefers the undated entry,
+    # else the earliest year.
+    dated = [y for y in years if y is not None]
+    if year is not None and dated:
+      return years[min(dated, key=lambda y: (abs(y - year), y))]
+    if None in years:
+      return years[None]
+    return years[min(dated)]
+
+  def rows(self, parsed_lists: Sequence[Sequence[tuple[str, int]]], k: int | None = None) -> np.ndarray:
+    """Rows [N, K] for the first K items of each list; `unknown_row` for unknown or absent items.
+
+    K defaults to the longest list. Updates `counts` for the items present.
+    """
+    if k is None:
+      k = max((len(p) for p in parsed_lists), default=0)
+    out = np.full((len(parsed_lists), k), self.unknown_row, dtype=np.int64)
+    lookups = unknown = 0
+    resolve = self.resolve
+    for n, items in enumerate(parsed_lists):
+      for j, (title, year) in enumerate(items[:k]):
+        row = resolve(title, year)
+        lookups += 1
+        if row >= 0:
+          out[n, j] = row
+        else:
+          unknown += 1
+    self.counts["lookups"] += lookups
+    self.counts["unknown"] += unknown
+    return out
+
+  def trait_violations(self, rows: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """rows [N, K] (from `rows`), masks [N, T] (from `constraint_masks`) -> bool [N, K, T]."""
+    return self.unsafe[rows] & masks[:, None, :]
+
+  def violations(self, parsed_lists, constraints_list, k: int | None = None) -> np.ndarray:
+    """bool [N, K]: item k of list n is unsafe for user n (False for unknown or absent items)."""
+    rows = self.rows(parsed_lists, k)
+    masks = self.masks(constraints_list)
+    return self.trait_violations(rows, masks).any(-1)
+
+  def masks(self, constraints_list) -> np.ndarray:
+    """Trait masks [N, T] in this oracle's trait order."""
+    return constraint_masks(constraints_list, self.traits)
+
+  def is_known(self, title: str, year) -> bool:
+    return self.resolve(title, year) >= 0
+
+  def is_unsafe(self, title: str, year, constraints: Mapping[str, object] | None) -> bool:
+    """True when the movie's risk reaches the threshold for any trait the user avoids."""
+    return bool(self.violated_traits(title, year, constraints))
+
+  def violated_traits(self, title: str, year, constraints) -> list[str]:
+    """The user's active traits that this movie violates (constraint order); [] if unknown."""
+    row = self.resolve(title, year)
+    self.counts["lookups"] += 1
+    if row < 0:
+      self.counts["unknown"] += 1
+      return []
+    out = []
+    for trait in active_traits(constraints):
+      c = self.trait_index.get(trait)
+      if c is None:
+        raise ValueError(f"constraint trait {trait!r} is not one of this oracle's traits")
+      if self.unsafe[row, c]:
+        out.append(trait)
+    return out
+
+  def risk_of(self, title: str, year) -> dict[str, float] | None:
+    """{trait: risk} for a movie, or None when unknown."""
+    row = self.resolve(title, year)
+    if row < 0:
+      return None
+    return dict(zip(self.traits, self.risk[row].tolist()))
+
+  def reset_counts(self) -> None:
+    self.counts = {"lookups": 0, "unknown": 0}
+
+  def __repr__(self):
+    return (f"SafetyOracle(movies={self.num_movies}, keys={sum(map(len, self._by_title.values()))}, "
+            f"traits={len(self.traits)}, risk_threshold={self.risk_threshold})")
