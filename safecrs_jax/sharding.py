@@ -54,7 +54,7 @@ def make_mesh(mesh_shape=(("data", 1), ("fsdp", -1), ("tensor", 1)),
   """Builds a Mesh from ((axis, size), ...); one size may be -1 = all remaining devices.
 
   Sizes must multiply to the device count. Uses jax.make_mesh (topology-aware on
-  TPU/GPU) when given all devices.
+  TPU/GPU) when given all devices. Axes are AxisType.Auto (GSPMD propagation).
   """
   mesh_shape = tuple((str(n), int(s)) for n, s in (
       mesh_shape.items() if hasattr(mesh_shape, "items") else mesh_shape))
@@ -73,12 +73,14 @@ def make_mesh(mesh_shape=(("data", 1), ("fsdp", -1), ("tensor", 1)),
   if math.prod(sizes) != n:
     raise ValueError(f"mesh_shape {mesh_shape} needs {math.prod(sizes)} devices, "
                      f"have {n}")
+  # Auto axes: shardings propagate through jit (newer jax defaults to Explicit).
+  auto = (jax.sharding.AxisType.Auto,) * len(names)
   if all_devices:
     try:
-      return jax.make_mesh(tuple(sizes), names)
-    except Exception:  # older jax / odd topologies: plain reshape below
+      return jax.make_mesh(tuple(sizes), names, axis_types=auto)
+    except Exception:  # odd topologies: plain reshape below
       pass
-  return Mesh(np.asarray(devices).reshape(sizes), names)
+  return Mesh(np.asarray(devices).reshape(sizes), names, axis_types=auto)
 
 
 def _axes_tuple(axes) -> tuple:
