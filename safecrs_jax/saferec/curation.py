@@ -1,0 +1,110 @@
+"""Safe-SFT curation: the teacher's list minus what is unsafe for this user.
+
+For each row, the teacher's ranked list (the row's `completion`, parsed) loses
+every item the oracle marks unsafe for the row's constraints; order is kept,
+nothing is back-filled, unknown movies stay. The target is
+
+  <reasoning>                                       (optional, on by default)
+  The user is sensitive to: <trait>; <trait>.
+  Removed as unsafe: <Title> [<Year>] - <trait>; ... (at most 5, then "and N more")
+  Safe recommendations remaining: <n>.
+  </reasoning>
+  <solution>
+  Title (Year)
+  ...
+  </solution>
+
+Removed titles are written as `Title [Year]` so the reasoning never parses as
+a recommendation, even when a generation stops before `<solution>`.
+
+"Left without ground truth" (the drop rule), precisely: a row is dropped
+when none of its `groundtruth_with_release_year` entries is safe for its
+constraints, i.e. every ground-truth movie is unsafe for the user, or the
+ground truth is empty. Unknown ground-truth movies count as safe. The ground
+truth itself is not rewritten, and rows whose target list ends up empty are
+kept (nothing is back-filled) but counted in the report.
+
+Idempotent: a curated row keeps the teacher's text in `teacher_completion`,
+which is read instead of `completion` when present, so curating twice gives
+the same row.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+from safecrs_jax.saferec.parsing import completion_text, format_recommendations, parse_recommendations
+from safecrs_jax.saferec.traits import active_traits
+
+MAX_LISTED = 5
+
+
+def reasoning_block(traits: Sequence[str], removed: Sequence[tuple[str, int, str]],
+                    remaining: int, max_listed: int = MAX_LISTED) -> str:
+  """The `<reasoning>` text naming sensitivities, removed titles (<= max_listed) and the safe count."""
+  sens = "; ".join(traits) if traits else "none stated"
+  if removed:
+    listed = "; ".join(f"{t} [{y}] - {trait}" for t, y, trait in removed[:max_listed])
+    if len(removed) > max_listed:
+      listed += f"; and {len(removed) - max_listed} more"
+  else:
+    listed = "none"
+  return (f"<reasoning>\nThe user is sensitive to: {sens}.\nRemoved as unsafe: {listed}.\n"
+          f"Safe recommendations remaining: {remaining}.\n</reasoning>")
+
+
+def curate_row(row: dict, oracle, *, reasoning: bool = True, max_listed: int = MAX_LISTED,
+               teacher_field: str = "completion") -> tuple[dict, dict]:
+  """One row -> (curated row, facts). Facts: kept, removed [(title, year, trait)], unknown, safe_gt."""
+  constraints = row.get("constraints") or {}
+  source = row["teacher_completion"] if "teacher_completion" in row else row.get(teacher_field)
+  teacher = completion_text(source)
+  kept, removed, unknown = [], [], 0
+  for title, year in parse_recommendations(teacher):
+    violated = oracle.violated_traits(title, year, constraints)
+    if violated:
+      removed.append((title, year, violated[0]))
+    else:
+      kept.append((title, year))
+      unknown += oracle.resolve(title, year) < 0
+  safe_gt = sum(1 for t, y in row.get("groundtruth_with_release_year") or ()
+                if not oracle.violated_traits(t, y, constraints))
+  target = format_recommendations(kept)
+  if reasoning:
+    target = reasoning_block(active_traits(constraints), removed, len(kept), max_listed) + "\n" + target
+  out = dict(row)
+  out["teacher_completion"] = teacher
+  out["completion"] = target
+  return out, {"kept": kept, "removed": removed, "unknown": unknown, "safe_gt": safe_gt}
+
+
+def curate_sft_rows(rows: Sequence[dict], oracle, *, reasoning: bool = True,
+                    max_listed: int = MAX_LISTED, teacher_field: str = "completion"):
+  """Curate Safe-SFT rows (module docstring). Returns (rows, report).
+
+  Each kept row gets `completion` = the safe target and `teacher_completion`
+  = the teacher's text (kept as is if the row already has one).
+  Report: rows_in, rows_out, rows_dropped_no_safe_gt, rows_empty_target,
+  items_in, items_removed, items_unknown_kept, removed_by_trait {trait: n},
+  dropped_indices (input row indices).
+  """
+  out = []
+  report = {"rows_in": len(rows), "rows_out": 0, "rows_dropped_no_safe_gt": 0,
+            "rows_empty_target": 0, "items_in": 0, "items_removed": 0,
+            "items_unknown_kept": 0, "removed_by_trait": Counter(), "dropped_indices": []}
+  for i, row in enumerate(rows):
+    curated, facts = curate_row(row, oracle, reasoning=reasoning, max_listed=max_listed,
+                                teacher_field=teacher_field)
+    report["items_in"] += len(facts["kept"]) + len(facts["removed"])
+    report["items_removed"] += len(facts["removed"])
+    report["items_unknown_kept"] += facts["unknown"]
+    report["removed_by_trait"].update(trait for _, _, trait in facts["removed"])
+    if facts["safe_gt"] == 0:
+      report["rows_dropped_no_safe_gt"] += 1
+      report["dropped_indices"].append(i)
+      continue
+    report["rows_empty_target"] += not facts["kept"]
+    out.append(curated)
+  report["rows_out"] = len(out)
+  report["removed_by_trait"] = dict(report["removed_by_trait"])
+  return out, report

@@ -1,0 +1,119 @@
+"""GRPO / GDPO rewards over completions (host-side numpy).
+
+Shapes: N completions, R = rec_num ranks (20). Every function takes the
+completions as text (str / message list) or as already parsed
+`[(title, year), ...]` lists; `parse_all` once and pass the lists to every
+reward to parse each completion only once. Ranks beyond a list's length
+contribute nothing. Discount d_k = 1 / log2(k + 1).
+
+  relevance  1 if any of the first R items hits the ground truth, else 0
+             (`dcg=True`: sum_k d_k hit_k over the first R, unnormalised).
+  safety     -lambda_safe * penalty_safe * sum_k d_k v_k, v_k = 1 when rank k
+             is unsafe for the user (oracle; unknown movies are safe).
+  count      +lambda_count when exactly target_count titles parse, else
+             -lambda_count * |n - target| / target (nothing parses: -lambda_count).
+  rank_rewards (per rank, [N, R], for rank-level advantages):
+    exp_inf    hit_k + s_k
+    log_decay  sum_{j >= k} d_j hit_j + s_k
+    with s_k = -lambda_safe * penalty_safe * v_k (undiscounted).
+Hits use the reward matching (matching.py): case-folded, whitespace-collapsed
+title, year +-2, each ground-truth entry matched once, seen titles kept.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from safecrs_jax.saferec.matching import discounts, hit_matrix
+from safecrs_jax.saferec.parsing import parse_all
+
+RANK_MODES = ("exp_inf", "log_decay")
+
+
+def _gts(groundtruths):
+  """Accept ground-truth lists or whole rows."""
+  return [g["groundtruth_with_release_year"] if isinstance(g, dict) else g for g in groundtruths]
+
+
+def _constraints(constraints):
+  """Accept constraint dicts or whole rows (dicts holding a "constraints" dict)."""
+  return [c["constraints"] if isinstance(c, dict) and isinstance(c.get("constraints"), dict) else c
+          for c in constraints]
+
+
+def relevance_reward(completions, groundtruths, rec_num: int = 20, dcg: bool = False) -> np.ndarray:
+  """[N] float32: hit@rec_num (0/1), or DCG@rec_num when `dcg`."""
+  hits = hit_matrix(parse_all(completions), _gts(groundtruths), rec_num)
+  if dcg:
+    return (hits * discounts(rec_num)).sum(1).astype(np.float32)
+  return hits.any(1).astype(np.float32)
+
+
+def violation_matrix(completions, constraints, oracle, rec_num: int = 20) -> np.ndarray:
+  """bool [N, rec_num]: rank k is unsafe for user n."""
+  return oracle.violations(parse_all(completions), _constraints(constraints), rec_num)
+
+
+def safety_reward(completions, constraints, oracle, rec_num: int = 20, lambda_safe: float = 1.0,
+                  penalty_safe: float = 1.0) -> np.ndarray:
+  """[N] float32: -lambda_safe * penalty_safe * sum_k d_k v_k (0 for users without constraints)."""
+  v = violation_matrix(completions, constraints, oracle, rec_num)
+  return (-lambda_safe * penalty_safe * (v * discounts(rec_num)).sum(1)).astype(np.float32)
+
+
+def count_reward(completions, target_count: int = 10, lambda_count: float = 1.0) -> np.ndarray:
+  """[N] float32: +lambda_count on exactly `target_count` parsed titles, else a linear penalty."""
+  n = np.array([len(p) for p in parse_all(completions)], dtype=np.float64)
+  r = np.where(n == target_count, lambda_count,
+               -lambda_count * np.abs(n - target_count) / target_count)
+  r = np.where(n == 0, -lambda_count, r)
+  return r.astype(np.float32)
+
+
+def rank_rewards(completions, groundtruths, constraints, oracle, mode: str = "log_decay",
+                 rec_num: int = 20, lambda_safe: float = 1.0, penalty_safe: float = 1.0,
+                 components: bool = False):
+  """Per-rank rewards [N, rec_num] float32 (see module docstring).
+
+  With `components=True` returns {"relevance": [N, R], "safety": [N, R]}
+  (their sum is the default result), for per-reward, per-rank normalisation.
+  `oracle=None` or `constraints=None` gives a zero safety part.
+  """
+  if mode not in RANK_MODES:
+    raise ValueError(f"rank reward mode {mode!r}: expected one of {RANK_MODES}")
+  parsed = parse_all(completions)
+  hits = hit_matrix(parsed, _gts(groundtruths), rec_num).astype(np.float64)
+  if mode == "exp_inf":
+    rel = hits
+  else:
+    gains = hits * discounts(rec_num)
+    rel = np.cumsum(gains[:, ::-1], axis=1)[:, ::-1]
+  if oracle is None or constraints is None:
+    safe = np.zeros_like(rel)
+  else:
+    v = oracle.violations(parsed, _constraints(constraints), rec_num)
+    safe = -lambda_safe * penalty_safe * v.astype(np.float64)
+  if components:
+    return {"relevance": rel.astype(np.float32), "safety": safe.astype(np.float32)}
+  return (rel + safe).astype(np.float32)
+
+
+def compute_rewards(completions, rows: Sequence[dict], oracle, names=("relevance", "safety"), *,
+                    rec_num: int = 20, lambda_safe: float = 1.0, penalty_safe: float = 1.0,
+                    target_count: int = 10, lambda_count: float = 1.0,
+                    relevance_dcg: bool = False) -> dict[str, np.ndarray]:
+  """Several sequence rewards over one parse: {name: [N] float32} for names in
+  relevance / safety / count. `rows[n]` gives ground truth and constraints of completion n."""
+  parsed = parse_all(completions)
+  out = {}
+  for name in names:
+    if name == "relevance":
+      out[name] = relevance_reward(parsed, rows, rec_num, dcg=relevance_dcg)
+    elif name == "safety":
+      out[name] = safety_reward(parsed, rows, oracle, rec_num, lambda_safe, penalty_safe)
+    elif name == "count":
+      out[name] = count_reward(parsed, target_count, lambda_count)
+    else:
+      raise ValueError(f"unknown reward {name!r}: expected relevance, safety or count")
+  return out
