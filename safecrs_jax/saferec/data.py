@@ -1,0 +1,255 @@
+"""Loaders for the released SafeRec layout (and JSON-lines files with the same fields).
+
+Released layout (SafeCRS-datasets), relative to a root `data_dir`:
+
+  downloaded_datasets/movie_trait_sensitivity.json
+  downloaded_datasets/processed_datasets/saferec_sft_dataset/{train,validation,test}/
+  downloaded_datasets/processed_datasets/saferec_grpo_dataset/train/
+  data/phase1_mapping/title_to_imdb.pkl
+  gt_catalog_complete.pkl
+
+`data_dir` may also be `downloaded_datasets/` itself or a directory holding
+the split directories directly. A split may instead be a JSON-lines file
+(`<split>.jsonl`, same places, or `data_dir` itself a .jsonl file). A
+project-native oracle table `oracle_table.jsonl` in `data_dir` replaces the
+JSON + pickle pair.
+
+Rows are validated and normalised:
+  prompt                         non-empty list of {"role": str, "content": str}
+  completion (required for sft)  str, or a message / message list -> the
+                                 (last) assistant message's text
+  groundtruth_with_release_year  list of [title: str, year: int or digit str] -> [str, int]
+  seen_titles                    list of str
+  constraints                    dict trait -> bool (None values, as Arrow
+                                 writes absent struct keys, are dropped;
+                                 trait names must be known)
+Extra fields are kept unchanged. A missing or mistyped field is a
+`SafeRecDataError` naming the file, row index and field; with strict=False
+such rows are skipped, counted and logged (nothing is dropped silently).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+
+from safecrs_jax.saferec.metrics import Catalog
+from safecrs_jax.saferec.oracle import SafetyOracle
+from safecrs_jax.saferec.traits import TRAITS
+
+log = logging.getLogger(__name__)
+
+STAGES = ("sft", "grpo")
+REQUIRED = {
+    "sft": ("prompt", "completion", "groundtruth_with_release_year", "seen_titles", "constraints"),
+    "grpo": ("prompt", "groundtruth_with_release_year", "seen_titles", "constraints"),
+}
+TRAIT_JSON = "movie_trait_sensitivity.json"
+TITLE_PKL = os.path.join("data", "phase1_mapping", "title_to_imdb.pkl")
+CATALOG_PKLS = ("gt_catalog_complete.pkl", "gt_catalog.pkl")
+ORACLE_TABLE = "oracle_table.jsonl"
+
+
+class SafeRecDataError(ValueError):
+  """A row or file that does not follow the SafeRec schema."""
+
+
+# ------------------------------------------------------------------ rows
+def _fail(where: str, field: str, problem: str):
+  raise SafeRecDataError(f"{where} field {field!r}: {problem}")
+
+
+def _messages(value, where, field):
+  if not isinstance(value, (list, tuple)) or not value:
+    _fail(where, field, f"expected a non-empty list of {{role, content}} messages, got {_short(value)}")
+  out = []
+  for j, msg in enumerate(value):
+    if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) \
+        or not isinstance(msg.get("content"), str):
+      _fail(where, f"{field}[{j}]", f"expected {{'role': str, 'content': str}}, got {_short(msg)}")
+    out.append({"role": msg["role"], "content": msg["content"]})
+  return out
+
+
+def _completion(value, where):
+  if isinstance(value, str):
+    return value
+  if isinstance(value, dict):
+    value = [value]
+  msgs = _messages(value, where, "completion")
+  assistant = [m for m in msgs if m["role"] == "assistant"]
+  return (assistant or msgs)[-1]["content"]
+
+
+def _year(value, where, field):
+  if isinstance(value, int) and not isinstance(value, bool):
+    return value
+  if isinstance(value, float) and value.is_integer():
+    return int(value)
+  if isinstance(value, str) and value.strip().isdigit():
+    return int(value.strip())
+  _fail(where, field, f"expected a year (int or digits), got {_short(value)}")
+
+
+def normalize_row(raw, where: str, stage: str = "sft", traits: Sequence[str] | None = TRAITS) -> dict:
+  """Validate and normalise one row (module docstring); raise SafeRecDataError naming `where`."""
+  if not isinstance(raw, dict):
+    raise SafeRecDataError(f"{where}: expected a JSON object / dict row, got {_short(raw)}")
+  for field in REQUIRED[stage]:
+    if field not in raw or (raw[field] is None and field != "constraints"):
+      _fail(where, field, "missing")
+  row = dict(raw)
+  row["prompt"] = _messages(raw["prompt"], where, "prompt")
+  if raw.get("completion") is not None:
+    row["completion"] = _completion(raw["completion"], where)
+  gt = raw["groundtruth_with_release_year"]
+  if not isinstance(gt, (list, tuple)):
+    _fail(where, "groundtruth_with_release_year", f"expected a list of [title, year], got {_short(gt)}")
+  norm_gt = []
+  for j, item in enumerate(gt):
+    field = f"groundtruth_with_release_year[{j}]"
+    if not isinstance(item, (list, tuple)) or len(item) != 2 or not isinstance(item[0], str):
+      _fail(where, field, f"expected [title, year], got {_short(item)}")
+    norm_gt.append([item[0], _year(item[1], where, field)])
+  row["groundtruth_with_release_year"] = norm_gt
+  seen = raw["seen_titles"]
+  if not isinstance(seen, (list, tuple)) or not all(isinstance(t, str) for t in seen):
+    _fail(where, "seen_titles", f"expected a list of strings, got {_short(seen)}")
+  row["seen_titles"] = list(seen)
+  cons = raw["constraints"]
+  if cons is None:
+    cons = {}
+  if not isinstance(cons, dict):
+    _fail(where, "constraints", f"expected a dict trait -> bool, got {_short(cons)}")
+  norm_cons = {}
+  for trait, on in cons.items():
+    if on is None:
+      continue
+    if not isinstance(on, bool):
+      _fail(where, f"constraints[{trait!r}]", f"expected a bool, got {_short(on)}")
+    if traits is not None and trait not in traits:
+      _fail(where, "constraints", f"unknown trait {trait!r}")
+    norm_cons[trait] = on
+  row["constraints"] = norm_cons
+  return row
+
+
+def _short(value, n: int = 80) -> str:
+  s = repr(value)
+  return s if len(s) <= n else s[:n] + "..."
+
+
+# ------------------------------------------------------------------ paths
+def _split_candidates(data_dir: str, split: str, stage: str) -> list[str]:
+  name = f"saferec_{stage}_dataset"
+  roots = [os.path.join(data_dir, "downloaded_datasets", "processed_datasets", name),
+           os.path.join(data_dir, "processed_datasets", name),
+           os.path.join(data_dir, name), data_dir]
+  return [os.path.join(r, split) for r in roots] + [os.path.join(r, f"{split}.jsonl") for r in roots]
+
+
+def find_split(data_dir: str, split: str, stage: str = "sft") -> str:
+  """Path of a split: a `save_to_disk` directory or a .jsonl file (see module docstring)."""
+  if stage not in STAGES:
+    raise ValueError(f"stage={stage!r}: expected one of {STAGES}")
+  if os.path.isfile(data_dir) and data_dir.endswith(".jsonl"):
+    return data_dir
+  tried = _split_candidates(data_dir, split, stage)
+  for path in tried:
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_info.json")):
+      return path
+    if os.path.isfile(path):
+      return path
+  raise FileNotFoundError(f"no {stage} split {split!r} under {data_dir}; tried:\n  " + "\n  ".join(tried))
+
+
+def read_raw_rows(path: str) -> list:
+  """Rows of a split as stored (datasets directory or JSON lines), before validation."""
+  if os.path.isdir(path):
+    import datasets  # noqa: PLC0415  (heavy; only for released-format dirs)
+    ds = datasets.load_from_disk(path)
+    if isinstance(ds, datasets.DatasetDict):
+      raise SafeRecDataError(f"{path}: holds several splits {list(ds)}; point at one split directory")
+    return ds.to_list()
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for i, line in enumerate(f):
+      if not line.strip():
+        continue
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        rows.append(_BadLine(i + 1, str(e)))
+  return rows
+
+
+class _BadLine:
+  def __init__(self, line: int, error: str):
+    self.line, self.error = line, error
+
+
+def load_split(data_dir: str, split: str, stage: str = "sft", strict: bool = True,
+               return_report: bool = False, traits: Sequence[str] | None = TRAITS):
+  """Validated, normalised rows of one split (module docstring).
+
+  Args:
+    data_dir: released root, `downloaded_datasets/`, a directory of splits,
+      or a .jsonl file.
+    split: "train" | "validation" | "test".
+    stage: "sft" (completion required) or "grpo".
+    strict: raise on the first bad row; else skip bad rows and count them.
+    return_report: also return {"path", "rows_read", "rows_ok",
+      "rows_skipped", "errors": [first 20 messages]}.
+    traits: allowed constraint names (None: any).
+  """
+  path = find_split(data_dir, split, stage)
+  raw_rows = read_raw_rows(path)
+  rows, errors = [], []
+  for i, raw in enumerate(raw_rows):
+    where = f"{path} row {i}"
+    try:
+      if isinstance(raw, _BadLine):
+        raise SafeRecDataError(f"{where} (line {raw.line}): not valid JSON ({raw.error})")
+      rows.append(normalize_row(raw, where, stage, traits))
+    except SafeRecDataError as e:
+      if strict:
+        raise
+      errors.append(str(e))
+  report = {"path": path, "rows_read": len(raw_rows), "rows_ok": len(rows),
+            "rows_skipped": len(errors), "errors": errors[:20]}
+  if errors:
+    log.warning("load_split: skipped %d of %d rows in %s; first: %s",
+                len(errors), len(raw_rows), path, errors[0])
+  return (rows, report) if return_report else rows
+
+
+# ------------------------------------------------------------------ oracle / catalog
+def _first_existing(paths: Sequence[str], what: str) -> str:
+  for p in paths:
+    if os.path.isfile(p):
+      return p
+  raise FileNotFoundError(f"no {what} found; tried:\n  " + "\n  ".join(paths))
+
+
+def load_oracle(data_dir: str, risk_threshold: float = 0.66) -> SafetyOracle:
+  """The safety oracle of a released-layout root (or its `downloaded_datasets/`), or of
+  an `oracle_table.jsonl` (project-native table) in `data_dir`."""
+  table = os.path.join(data_dir, ORACLE_TABLE)
+  if os.path.isfile(table):
+    return SafetyOracle.from_table(table, risk_threshold)
+  parent = os.path.dirname(os.path.abspath(data_dir))
+  trait_json = _first_existing(
+      [os.path.join(data_dir, "downloaded_datasets", TRAIT_JSON), os.path.join(data_dir, TRAIT_JSON)],
+      TRAIT_JSON)
+  title_pkl = _first_existing(
+      [os.path.join(data_dir, TITLE_PKL), os.path.join(parent, TITLE_PKL),
+       os.path.join(data_dir, "title_to_imdb.pkl")], "title_to_imdb.pkl")
+  return SafetyOracle.from_files(trait_json, title_pkl, risk_threshold)
+
+
+def load_catalog(data_dir: str) -> Catalog:
+  """The ground-truth catalog (`gt_catalog_complete.pkl`: list of (title, year))."""
+  parent = os.path.dirname(os.path.abspath(data_dir))
+  paths = [os.path.join(d, name) for d in (data_dir, parent) for name in CATALOG_PKLS]
+  return Catalog.from_pickle(_first_existing(paths, "catalog pickle"))
