@@ -78,12 +78,12 @@ def test_parse_message_list_and_huge_text_is_fast():
 
 def test_fast_path_agrees_with_full_cleaning():
   rng = random.Random(0)
-  pieces = ["Heat", "the", "1.", "2)", "3 -", "*", "**", "_", "#", "-", '"', "'", "“", "”", "(", ")", "(x)",
-            "(1995)", "1995", " ", "  ", "\t", "M*A*S*H", "9.", "and", "(or not)", "—", "é", "Ω"]
-  for _ in range(20_000):
+  pieces = ["Heat", "the", "1.", "2)", "3 -", "12.", "*", "**", "***", "_", "__", "#", "-", '"', "'", "“", "”",
+            "(", ")", "(x)", "(1995)", "1995", " ", "  ", "\t", "M*A*S*H", "9.", "and", "(or not)", "—", "é", "Ω"]
+  for _ in range(30_000):
     line = "".join(rng.choice(pieces) + rng.choice(["", " "]) for _ in range(rng.randint(1, 7)))
     if rng.random() < 0.7:
-      line += rng.choice([" (1995)", " (2001) great", "(1999)", " (1995)*"])
+      line += rng.choice([" (1995)", " (2001) great", "(1999)", " (1995)*", "** (1990) - so good", " (1995) **"])
     assert parsing.parse_line(line) == parsing._parse_line_slow(line), repr(line)
 
 
@@ -462,3 +462,43 @@ def test_reasoning_lists_at_most_five():
   text = saferec.reasoning_block([GORE], removed, 0)
   assert text.count(" - Anti-gore") == 5 and "and 2 more" in text
   assert saferec.parse_recommendations(text) == []        # reasoning never parses as recommendations
+
+
+def test_normalize_title_matches_the_regex_definition():
+  def by_regex(title):
+    t = re.sub(r"^(?:the|a|an) ", "", title.lower().strip())
+    return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", "", t)).strip()
+  rng = random.Random(2)
+  pieces = ["The", "the", "A", "an", "An", " ", "  ", "\t", "Matrix", "-", ":", "'s", "é", "1", "_", "Ω", "!"]
+  for _ in range(5000):
+    title = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 6)))
+    assert saferec.normalize_title(title) == by_regex(title), repr(title)
+
+
+def test_fast_path_agrees_on_structured_lines():
+  rng = random.Random(3)
+  for _ in range(20_000):
+    title = " ".join(rng.choice(["Heat", "1917", "2.", "M*A*S*H", "Ice-9", "é", "the", "_x_", "a"])
+                     for _ in range(rng.randint(1, 3)))
+    mark = rng.choice(["", "*", "**", "_", "__", "***", "* "])
+    line = (rng.choice(["", "1. ", "12) ", "3 - ", "4 — ", "5.", "- ", "# ", "2. 3. "]) + mark + title
+            + rng.choice([mark, "", "*"]) + rng.choice([" (1995)", "  (1995)", " (1995) - great", " (95)"])
+            + rng.choice(["", " **", "*", " (Director's Cut)"]))
+    assert parsing.parse_line(line) == parsing._parse_line_slow(line), repr(line)
+
+
+def test_bench_baseline_agrees_with_library():
+  """bench/rewards.py's independent per-item implementation gives the same numbers."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "rewards.py"
+  spec = importlib.util.spec_from_file_location("bench_rewards", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  oracle, _, comps, rows = bench.make_world(2000, 48, 20, seed=1)
+  fast_r, fast_m = bench.fast_all(comps, rows, oracle)
+  naive_r, naive_m = bench.naive_all(comps, rows, bench.NaiveOracle(oracle))
+  for k, v in naive_r.items():
+    np.testing.assert_allclose(fast_r[k], np.asarray(v, np.float32), rtol=1e-6, atol=1e-6)
+  for k, v in naive_m.items():
+    assert fast_m[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k

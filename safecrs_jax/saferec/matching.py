@@ -13,17 +13,14 @@ title appears in the ground truth.
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Sequence
 
 import numpy as np
 
-_SPACES = re.compile(r"\s+")
-
-
+@functools.lru_cache(maxsize=1 << 16)
 def fold_title(title: str) -> str:
   """Case-fold and collapse whitespace (the reward / catalog title comparison)."""
-  return _SPACES.sub(" ", str(title).strip()).casefold()
+  return " ".join(str(title).split()).casefold()
 
 
 @functools.lru_cache(maxsize=64)

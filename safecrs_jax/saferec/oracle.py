@@ -44,20 +44,23 @@ import numpy as np
 from safecrs_jax.saferec.traits import TRAITS, active_traits, constraint_masks
 
 TABLE_FORMAT = "safecrs_jax.oracle_table"
-_ARTICLE = re.compile(r"^(?:the|a|an) ")
+_ARTICLES = ("the ", "a ", "an ")
 _NON_WORD = re.compile(r"[^\w\s]")
-_SPACES = re.compile(r"\s+")
 _YEAR_OFFSETS = (0, -1, 1, -2, 2)
 _CACHE_LIMIT = 1_000_000
 
 
 def normalize_title(title: str) -> str:
   """Lower-case, strip, drop a leading 'the '/'a '/'an ', keep only word chars and spaces, collapse."""
-  t = _ARTICLE.sub("", str(title).lower().strip())
-  return _SPACES.sub(" ", _NON_WORD.sub("", t)).strip()
+  t = str(title).lower().strip()
+  if t.startswith(_ARTICLES):
+    t = t[t.index(" ") + 1:]
+  return " ".join(_NON_WORD.sub("", t).split())
 
 
 def _to_year(year) -> int | None:
+  if type(year) is int:
+    return year
   if year is None or isinstance(year, bool):
     return None
   try:
@@ -265,10 +268,12 @@ class SafetyOracle:
       k = max((len(p) for p in parsed_lists), default=0)
     out = np.full((len(parsed_lists), k), self.unknown_row, dtype=np.int64)
     lookups = unknown = 0
-    resolve = self.resolve
+    cache, resolve = self._cache, self.resolve
     for n, items in enumerate(parsed_lists):
-      for j, (title, year) in enumerate(items[:k]):
-        row = resolve(title, year)
+      for j, item in enumerate(items[:k]):
+        row = cache.get(item)          # items are (title, year) tuples: the cache key
+        if row is None:
+          row = resolve(*item)
         lookups += 1
         if row >= 0:
           out[n, j] = row

@@ -14,9 +14,9 @@ Rules (SafeRec sheet):
   * Lines longer than `MAX_LINE_CHARS` are skipped unread (no title is that
     long), so huge or adversarial text stays linear-time. Nothing ever raises.
 
-Most model output is already clean (`Title (1999)` per line); those lines take
-one regex match (`_CLEAN_LINE`) instead of the cleaning pipeline, with the same
-result (tests compare both paths).
+Most model output is already clean (`Title (1999)`, `3. **Title** (1999)`
+per line); those lines take one regex match (`_CLEAN_LINE`) instead of the
+cleaning pipeline, with the same result (tests compare both paths).
 """
 from __future__ import annotations
 
@@ -37,13 +37,16 @@ _HASHES = re.compile(r"^#+\s*")
 _TITLE_YEAR = re.compile(r"(.+?)\s+\((\d{4})\)")
 _QUOTE_PAIRS = (('"', '"'), ("'", "'"), ("“", "”"), ("‘", "’"))
 
-# A line the cleaning pipeline would leave unchanged: the title starts and ends
-# with a character that is not whitespace, markup, a quote or a parenthesis,
-# holds no parentheses and only single spaces, does not start with a list
-# number, and nothing follows the year.
+# A line the cleaning pipeline would only strip a list number and markdown
+# emphasis from and cut after the year: optional `N. ` / `N) ` / `N - `
+# numbering, optional `*`/`_` emphasis around the title, a title that starts
+# and ends with a character that is not whitespace, markup, a quote or a
+# parenthesis and holds no parentheses and only single spaces, then ` (YYYY)`
+# and anything (commentary). Such lines give (title, year) without cleaning.
 _EDGE = r"[^\s*_\-#\"'“”‘’()]"
 _CLEAN_LINE = re.compile(
-    rf"(?!\d+\s*[.)、\-—–]\s)({_EDGE}(?:(?:[^\s()]| (?=\S))*{_EDGE})?) \((\d{{4}})\)")
+    r"(?:\d+ ?[.)、\-—–] )?(?:[*_]{1,3})?(?!\d+\s*[.)、\-—–]\s)"
+    rf"({_EDGE}(?:(?:[^\s()]| (?=\S))*{_EDGE})?)(?:[*_]{{1,3}})? \((\d{{4}})\).*")
 
 
 def _collapse(text: str) -> str:
@@ -85,7 +88,7 @@ def parse_line(line: str) -> tuple[str, int] | None:
   line = line.strip()
   if not line:
     return None
-  m = _CLEAN_LINE.fullmatch(line)
+  m = _CLEAN_LINE.fullmatch(line)   # the common case: no cleaning needed
   if m is not None:
     return m.group(1), int(m.group(2))
   return _parse_line_slow(line)
@@ -149,7 +152,15 @@ def completion_text(completion) -> str:
 
 
 def as_parsed(completion_or_list) -> list[tuple[str, int]]:
-  """A completion text, or an already parsed list of (title, year), as a parsed list."""
+  """A completion text, or an already parsed list of (title, year), as a parsed list.
+
+  A list whose first item is a `(str, int)` tuple is taken as parsed and
+  returned as is (no copy); other pair lists are converted.
+  """
+  if isinstance(completion_or_list, list) and completion_or_list:
+    first = completion_or_list[0]
+    if type(first) is tuple and len(first) == 2 and type(first[0]) is str and type(first[1]) is int:
+      return completion_or_list
   if isinstance(completion_or_list, (list, tuple)) and (
       not completion_or_list or _is_pair(completion_or_list[0])):
     return [(str(t), int(y)) for t, y in completion_or_list]
