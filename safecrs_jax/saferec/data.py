@@ -167,7 +167,7 @@ def find_split(data_dir: str, split: str, stage: str = "sft") -> str:
 def read_raw_rows(path: str) -> list:
   """Rows of a split as stored (datasets directory or JSON lines), before validation."""
   if os.path.isdir(path):
-    import datasets  # noqa: PLC0415  (heavy; only for released-format dirs)
+    import datasets  # heavy: only for released-format directories
     ds = datasets.load_from_disk(path)
     if isinstance(ds, datasets.DatasetDict):
       raise SafeRecDataError(f"{path}: holds several splits {list(ds)}; point at one split directory")

@@ -133,7 +133,8 @@ def inject_constraints(rows: Sequence[dict], *, seed: int = 0, p: float = 1.0, m
     max_traits: a row gets 1..max_traits traits (uniform).
     placement: "prefix" | "suffix" | "random".
     candidates: row -> traits in priority order (e.g. `most_violated_traits`);
-      the first n are used. Default: n traits sampled uniformly from `traits`.
+      the first n are used (none: the row gets no constraints). Default: n
+      traits sampled uniformly from `traits`.
   """
   if not 0.0 <= p <= 1.0:
     raise ValueError(f"p={p}: expected a probability in [0, 1]")

@@ -63,9 +63,10 @@ import sys
 
 import numpy as np
 
+from safecrs_jax.saferec import curation, data, metrics
 from safecrs_jax.saferec.injection import inject_row
 from safecrs_jax.saferec.oracle import normalize_title
-from safecrs_jax.saferec.parsing import format_recommendations
+from safecrs_jax.saferec.parsing import format_recommendations, parse_recommendations
 from safecrs_jax.saferec.traits import TRAITS
 
 ANIMAL, SPIDER, GORE, DRUGS, CLAUSTRO, HORROR = (
@@ -187,7 +188,7 @@ def build_catalog(seed: int = 0, titles_per_genre: int = TITLES_PER_GENRE) -> li
 
 
 def _new_title(rng, words, cue, used) -> str:
-  while True:
+  for _ in range(10_000):
     a, b = (str(w) for w in rng.choice(words, size=2, replace=False))
     if cue is not None:
       b = str(cue[int(rng.integers(len(cue)))])
@@ -198,6 +199,7 @@ def _new_title(rng, words, cue, used) -> str:
     if key not in used:          # unique after normalisation: one oracle entry per title
       used.add(key)
       return title
+  raise ValueError("SafeRec-mini: ran out of distinct titles; lower titles_per_genre")
 
 
 def _unsafe(movie: dict, trait: str) -> bool:
@@ -264,7 +266,7 @@ def make_row(rng: np.random.Generator, movies: list[dict], by_genre: dict[str, l
 
 # ------------------------------------------------------------------ writing
 def _features():
-  import datasets  # noqa: PLC0415
+  import datasets  # heavy: only when writing
   s = datasets.Value("string")
   return datasets.Features({
       "prompt": [{"role": s, "content": s}],
@@ -288,7 +290,7 @@ def generate(out_dir: str, seed: int = 0, sizes: dict | None = None,
     titles_per_genre: catalog size per genre (10 genres).
     with_statistics: compute `statistics` and store them in saferec_mini.json.
   """
-  import datasets  # noqa: PLC0415
+  import datasets  # heavy: only when writing
   sizes = dict(SIZES if sizes is None else sizes)
   movies = build_catalog(seed, titles_per_genre)
   by_genre: dict[str, list[int]] = {}
@@ -329,8 +331,6 @@ def generate(out_dir: str, seed: int = 0, sizes: dict | None = None,
 
 def statistics(data_dir: str) -> dict:
   """The documented statistics of a SafeRec-mini (or any released-format) directory."""
-  from safecrs_jax.saferec import curation, data, metrics  # noqa: PLC0415
-  from safecrs_jax.saferec.parsing import parse_recommendations  # noqa: PLC0415
   oracle = data.load_oracle(data_dir)
   out = {}
   for stage, split in sorted(SIZES):

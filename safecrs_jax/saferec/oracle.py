@@ -7,9 +7,10 @@ risk); the oracle only reads `final`.
 
 Lookup: a `(title, year)` recommendation is normalised with `normalize_title`
 and looked up as `(title, year)`, then `year-1, year+1, year-2, year+2`
-(nearest first, earlier before later), then by title alone (the entry with
-the nearest year, earlier on ties; entries without a year last). The first
-key found decides the movie; if that movie has no risk record it is unknown.
+(nearest first, earlier before later), then by title alone: the entry with
+the year nearest the query (earlier on ties), else an entry without a year;
+a query without a year takes the entry without a year, else the earliest.
+The first key found decides the movie; if it has no risk record it is unknown.
 Unknown movies are safe, and counted (`counts`, `unknown` flags).
 
 Internals: a dense risk table `risk` [M, T] float32 (M movies, T traits), its
