@@ -1,0 +1,1 @@
+"""Thin absl entry points: `python -m launch.<name> --config=configs/<file>.py ...`."""

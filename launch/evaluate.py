@@ -1,0 +1,42 @@
+r"""Evaluates checkpoints on a SafeRec split (greedy decoding, every metric).
+
+  python -m launch.evaluate --config=configs/demo.py:stage=sft \
+      --checkpoint=runs/sft [--steps=100,200] [--split=test] --workdir=runs/eval
+
+--checkpoint takes a run directory (every saved step, or --steps), one orbax
+step directory (<run>/checkpoints/<step>) or a Hugging Face directory. Each
+checkpoint gets report.json, generations.jsonl and raw_generations.jsonl under
+<workdir>/<split>/<name>/; several steps also get metrics.csv, plots/ and
+comparison.md. Re-running an interrupted command resumes it.
+"""
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from safecrs_jax import evaluation
+from safecrs_jax import sharding
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (data, model numerics, mesh and eval sections).",
+    lock_config=True)
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Run dir, orbax step dir, or Hugging Face dir to evaluate.")
+_STEPS = flags.DEFINE_list("steps", None, "Only these steps of a run dir (default: all).")
+_SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: config eval.split).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where reports and generations go.")
+flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  sharding.maybe_initialize_distributed()
+  reports = evaluation.evaluate(_CONFIG.value, _CHECKPOINT.value, split=_SPLIT.value,
+                                workdir=_WORKDIR.value, steps=_STEPS.value)
+  names = {r["checkpoint"]["name"]: r for r in reports}
+  if sharding.is_main_process():
+    print(evaluation.comparison_table(names))
+
+
+if __name__ == "__main__":
+  app.run(main)
