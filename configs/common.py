@@ -9,17 +9,28 @@ import ml_collections
 
 # Logical parameter/activation axis -> mesh axis. Kept in the config so a pod
 # run can change the layout without touching code.
+# Must use the logical names of safecrs_jax/sharding.py (parameters, then
+# activations, then the KV cache). A name may appear twice: the first rule
+# whose mesh axes are free and divide the dimension wins.
 DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
-    ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
     ("head_dim", None),
     ("layers", None),
     ("norm", None),
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("cache_batch", ("data", "fsdp")),
+    ("cache_length", None),
+    ("cache_kv_heads", "tensor"),
 )
 
 # Sentinels for the shipped default: SafeRec-mini data and the locally trained
@@ -63,10 +74,13 @@ def build(*, stage, model_preset="", model_dir="", data_dir=MINI,
   c.model.dtype = "float32"      # compute dtype ("bfloat16" on TPU/GPU)
   c.model.param_dtype = "float32"  # master-weight dtype
   c.model.remat = False          # rematerialise each decoder block
+  c.model.scan_layers = True     # lax.scan over layers (False: unrolled, faster on CPU)
+  c.model.overrides = ()         # ((field, value), ...) ModelConfig overrides for a preset
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (("data", 1), ("fsdp", -1), ("tensor", 1))  # -1 = the rest
   c.mesh.rules = DEFAULT_RULES   # logical axis -> mesh axis
+  c.mesh.num_devices = -1        # use only the first N devices (-1 = all; single process)
 
   c.data = ml_collections.ConfigDict()
   c.data.dir = data_dir          # released SafeRec layout, or "mini" (SafeRec-mini)
@@ -79,6 +93,7 @@ def build(*, stage, model_preset="", model_dir="", data_dir=MINI,
   c.tokenizer.path = tokenizer_path  # HF tokenizer dir; "" = model.hf_dir; "local" = demo BPE
   c.tokenizer.max_length = 1024      # SFT: prompt + completion tokens (prompt cut from the left)
   c.tokenizer.buckets = (256, 512, 1024)  # padded lengths: one compilation each
+  c.tokenizer.local_vocab_size = 2048     # vocabulary of the "local" demo tokenizer
 
   c.optim = ml_collections.ConfigDict()
   c.checkpoint = ml_collections.ConfigDict()
@@ -98,6 +113,7 @@ def build(*, stage, model_preset="", model_dir="", data_dir=MINI,
   c.sft.grad_accum = 8           # micro-batches per optimizer step (scanned in the step)
   c.sft.eval_every = 200         # steps between validation-loss passes
   c.sft.eval_batches = 20        # validation micro-batches per pass (-1 = whole split)
+  c.sft.curate = True            # curate targets with the oracle (drop unsafe items, <reasoning>)
   c.sft.reasoning = True         # keep the <reasoning> block in curated targets
   c.sft.lora = ml_collections.ConfigDict()
   c.sft.lora.rank = 0            # 0 = full fine-tuning

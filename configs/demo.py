@@ -1,0 +1,58 @@
+"""The demo: tiny Llama-style model, SafeRec-mini, local tokenizer, CPU.
+
+    python -m launch.train_sft --config=configs/demo.py --workdir=runs/demo_sft
+    python -m launch.train_gdpo --config=configs/demo.py:stage=gdpo --workdir=runs/demo_gdpo
+
+arg: stage=sft|gdpo, data_dir= (default "mini"), model_dir= (HF dir instead of
+the random-init preset), size=tiny|test ("test" is a 2-layer width-64 model for
+unit tests and smoke runs).
+"""
+from configs import common
+
+SIZES = {
+    "tiny": (),   # models.PRESETS["tiny"] as is (~2.5M params with the demo vocabulary)
+    "test": (("hidden_size", 64), ("intermediate_size", 128), ("num_layers", 2),
+             ("num_heads", 4), ("num_kv_heads", 2), ("head_dim", 16)),
+}
+
+
+def get_config(arg=None):
+  a = common.parse_arg(arg, stage="sft", data_dir=common.MINI, model_dir="", size="tiny")
+  if a.size not in SIZES:
+    raise ValueError(f"size={a.size!r}; known: {sorted(SIZES)}")
+  c = common.build(stage=a.stage, model_preset="tiny", model_dir=a.model_dir,
+                   data_dir=a.data_dir)
+  c.model.scan_layers = False        # unrolled layers compile to faster CPU code
+  c.model.overrides = SIZES[a.size]
+  c.mesh.shape = (("data", 1), ("fsdp", -1), ("tensor", 1))
+  c.mesh.num_devices = 1             # one CPU device; set -1 to shard over all
+
+  # SafeRec-mini sequences are 150-340 local-tokenizer tokens.
+  c.tokenizer.max_length = 384
+  c.tokenizer.buckets = (256, 384)
+
+  c.sft.num_steps = 150              # ~2-3 minutes on 2 CPU cores
+  c.sft.batch_size = 8
+  c.sft.grad_accum = 1
+  c.sft.eval_every = 50
+  c.sft.eval_batches = 4
+  c.optim.lr = 2e-3 if a.stage == "sft" else 1e-5   # a random-init tiny model needs a big step
+  c.optim.warmup_ratio = 0.05 if a.stage == "sft" else 0.0
+
+  c.checkpoint.save_every = 50
+  c.checkpoint.keep = 2
+  c.log.every = 10
+
+  c.gdpo.num_steps = 20
+  c.gdpo.batch_size = 4
+  c.gdpo.grad_accum = 1
+  c.gdpo.group_size = 4
+  c.gdpo.max_prompt_length = 128
+  c.gdpo.prompt_buckets = (64, 128)
+  c.gdpo.max_completion_length = 256
+
+  c.eval.batch_size = 16
+  c.eval.max_new_tokens = 256
+  c.eval.max_prompt_length = 128
+  c.eval.prompt_buckets = (64, 128)
+  return c
