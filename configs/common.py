@@ -59,6 +59,27 @@ def parse_arg(arg, **defaults):
   return out
 
 
+def paper_model(arg, preset, *, remat):
+  """Config for one of the paper's models (qwen25 / llama32 / llama31 files).
+
+  arg: stage=sft|gdpo, data_dir= (released SafeRec root; required to train),
+  model_dir= (HF dir of the instruct model; empty = random init from the
+  preset, for shape checks and smoke runs only), init= (gdpo: the Safe-SFT
+  run dir / step dir to start from).
+  """
+  a = parse_arg(arg, stage="sft", data_dir="", model_dir="", init="")
+  c = build(stage=a.stage, model_preset=preset, model_dir=a.model_dir, data_dir=a.data_dir,
+            tokenizer_path="")
+  c.model.dtype = "bfloat16"     # bf16 compute, float32 master weights (param_dtype)
+  c.model.remat = remat
+  c.model.scan_layers = True
+  # Pure FSDP over every device suits 0.5B-8B on a pod slice or a GPU host; for
+  # more chips than the batch allows, move devices to "data" (or "tensor").
+  c.mesh.shape = (("data", 1), ("fsdp", -1), ("tensor", 1))
+  c.gdpo.init_checkpoint = a.init
+  return c
+
+
 def build(*, stage, model_preset="", model_dir="", data_dir=MINI,
           tokenizer_path=LOCAL_TOKENIZER):
   """The full config tree with the paper's defaults for `stage`."""
