@@ -230,3 +230,18 @@ def test_demo_config_learns_through_the_entry_point(cache, tmp_path):
          if "val/loss" in r}
   assert set(val) == {0, 30}
   assert val[30] < val[0] - 2.0, val            # ~7.3 (uniform over the vocab) -> ~3.3
+
+
+def test_lora_run_saves_adapters_and_loads_merged(cache, tmp_path):
+  c = _config(cache, num_steps=2, eval_every=0)
+  c.sft.lora.rank, c.sft.lora.targets = 4, ("q_proj", "down_proj")
+  s = sft.train(c, str(tmp_path / "lora"))
+  state = jax.device_get(s["run"].state)
+  assert set(state.lora["layers"]["self_attn"]) == {"q_proj"}
+  assert checkpoint.saved_lora_info(str(tmp_path / "lora"))["rank"] == 4
+  _, merged = checkpoint.load_params(str(tmp_path / "lora"))
+  want = lora.merge(state.params, state.lora, 16.0 / 4)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6), merged, want)
+  _, base, adapters, scale = checkpoint.load_params(str(tmp_path / "lora"), merge_lora=False)
+  assert scale == 4.0
+  jax.tree.map(np.testing.assert_array_equal, base, state.params)
