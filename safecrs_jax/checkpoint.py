@@ -245,9 +245,8 @@ def load_state_items(path, abstract_items):
   items = {k: v for k, v in abstract_items.items() if v is not None}
   want = _normalise_keys(_tree_signature(items))
   try:
-    ckptr = ocp.PyTreeCheckpointer()
-    meta = ckptr.metadata(state_dir)
-    meta = getattr(meta, "item_metadata", meta)
+    from etils import epath
+    meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir))
     meta_tree = getattr(meta, "tree", meta)
     have = _normalise_keys(_metadata_signature(meta_tree))
   except Exception as e:  # noqa: BLE001
@@ -260,7 +259,7 @@ def load_state_items(path, abstract_items):
         f"{have.get(k, ('absent',))[0]} vs expected {want[k][0]} ({len(bad)} mismatches)")
   restore_args = ocp.checkpoint_utils.construct_restore_args(items)
   try:
-    out = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
+    out = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
         item=items, restore_args=restore_args, partial_restore=True))
   except Exception as e:  # noqa: BLE001
     raise CheckpointError(f"checkpoint {step_dir} could not be restored: {e}") from e

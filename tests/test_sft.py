@@ -187,7 +187,11 @@ def test_kill_and_resume_continues_the_same_trajectory(cache, tmp_path):
   cfg, params = checkpoint.load_params(str(run_dir))
   jax.tree.map(np.testing.assert_array_equal, params,
                jax.device_get(full["run"].state.params))
-  out = checkpoint.export_hf(str(run_dir / "checkpoints" / "6"), str(tmp_path / "hf"))
+  out = str(tmp_path / "hf")                          # through the real entry point
+  proc = subprocess.run([sys.executable, "-m", "launch.export_hf",
+                         f"--checkpoint={run_dir / 'checkpoints' / '6'}", f"--out={out}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
   cfg2, params2 = models.load_hf(out)
   assert cfg2.vocab_size == cfg.vocab_size and os.path.exists(os.path.join(out, "tokenizer.json"))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params2), params)
