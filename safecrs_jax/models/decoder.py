@@ -65,7 +65,9 @@ class Decoder(nn.Module):
 
     x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="norm")(x)
     if cfg.tie_word_embeddings:
-      logits = embed.attend(x)                                        # [B,T,V]
+      emb = embed.embedding.astype(dt)                                # [V,D]
+      logits = jnp.dot(x.reshape(-1, cfg.hidden_size), emb.T)          # [B*T,V]
+      logits = logits.reshape(*x.shape[:-1], cfg.vocab_size)          # [B,T,V]
     else:
       logits = Dense(cfg.vocab_size, ("embed", "vocab"), cfg, name="lm_head")(x)
     logits = shd.constrain(logits.astype(dt), ("act_batch", "act_length", "act_vocab"),

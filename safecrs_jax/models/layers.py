@@ -100,7 +100,10 @@ class Dense(nn.Module):
     cfg = self.cfg
     kernel = self.param("kernel", _init(cfg, self.names), (x.shape[-1], self.features),
                         dtype_of(cfg.param_dtype))
-    y = jnp.dot(x, kernel.astype(dtype_of(cfg.dtype)))
+    # Flatten the leading dims: one contracting dim in the weight gradient lets XLA:CPU
+    # use the GEMM directly instead of first transposing the activations.
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel.astype(dtype_of(cfg.dtype)))
+    y = y.reshape(*x.shape[:-1], self.features)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(
           nn.initializers.zeros, self.names[1:]), (self.features,), dtype_of(cfg.param_dtype))
@@ -150,12 +153,26 @@ class Attention(nn.Module):
       v = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False)   # [B,S,K,H]
       kv = (cache_k, cache_v, layer, index)
 
-    q = q.reshape(b, t, k, g, h) * jnp.asarray(h ** -0.5, dt)         # [B,T,K,G,H]
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, kk)                  # [B,K,G,T,S]
+    # Head-major layout with the G query heads of a kv head merged into the row dim
+    # (M = G*T): every attention matmul then contracts a single dim, which XLA:CPU
+    # runs as a plain batched GEMM in backward too (no transposes of [T, S] arrays).
+    s_len = kk.shape[1]
+    q = q.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)              # [B,K,G,T,H]
+    q = q.reshape(b, k, g * t, h) * jnp.asarray(h ** -0.5, dt)        # [B,K,M,H]
+    kk = kk.transpose(0, 2, 1, 3)                                     # [B,K,S,H]
+    v = v.astype(dt).transpose(0, 2, 1, 3)                            # [B,K,S,H]
+    scores = jnp.einsum("bkmh,bksh->bkms", q, kk)                     # [B,K,M,S]
+    scores = scores.reshape(b, k, g, t, s_len)                        # [B,K,G,T,S]
     scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(dt))        # [B,T,K,G,H]
-    out = out.reshape(b, t, n * h)
+    # Softmax with the normalisation deferred to the [.., T, H] output (one pass less
+    # over the [T, S] scores than jax.nn.softmax); masked rows become uniform, not NaN.
+    peak = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+    weights = jnp.exp(scores - peak).astype(dt)                       # [B,K,G,T,S]
+    denom = jnp.sum(weights, axis=-1, keepdims=True, dtype=jnp.float32)  # [B,K,G,T,1]
+    weights = weights.reshape(b, k, g * t, s_len)                     # [B,K,M,S]
+    out = jnp.einsum("bkms,bksh->bkmh", weights, v)                   # [B,K,M,H]
+    out = out.reshape(b, k, g, t, h) / denom.astype(dt)               # [B,K,G,T,H]
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * h)           # [B,T,N*H]
     out = shd.constrain(out, ("act_batch", "act_length", "act_heads"), self.mesh, self.rules)
     y = Dense(cfg.hidden_size, ("heads", "embed"), cfg, cfg.attention_out_bias,
               name="o_proj")(out)                                     # [B,T,D]
