@@ -15,8 +15,9 @@ import os
 import shutil
 import tempfile
 
-# Bump when the generator or tokenizer recipe changes so old caches are not reused.
-_MINI_VERSION = "v1"
+# Bump when the tokenizer recipe changes so old caches are not reused. The
+# SafeRec-mini key is a hash of the saferec sources (see _mini_version), so a
+# changed generator never serves a stale cached dataset.
 _TOKENIZER_VERSION = "v1"
 MINI = "mini"
 LOCAL_TOKENIZER = "local"
@@ -56,11 +57,23 @@ def build_once(final_dir, build_fn):
   return final_dir
 
 
+def _mini_version():
+  """Short hash of every saferec source file (the generator and what it imports)."""
+  import glob
+
+  from safecrs_jax import saferec
+  h = hashlib.sha256()
+  for path in sorted(glob.glob(os.path.join(os.path.dirname(saferec.__file__), "*.py"))):
+    with open(path, "rb") as f:
+      h.update(os.path.basename(path).encode() + b"\0" + f.read())
+  return h.hexdigest()[:10]
+
+
 def mini_dir(seed=0, root=None):
   """SafeRec-mini (released layout) generated with `seed`, built once."""
   from safecrs_jax.saferec import mini  # imported lazily: only when needed
   root = root or cache_root()
-  final = os.path.join(root, f"saferec_mini_{_MINI_VERSION}_seed{int(seed)}")
+  final = os.path.join(root, f"saferec_mini_{_mini_version()}_seed{int(seed)}")
   return build_once(final, lambda tmp: mini.generate(tmp, seed=int(seed)))
 
 
@@ -76,7 +89,7 @@ def resolve_data_dir(config):
 
 def _data_key(config, data_dir):
   if config.data.dir == MINI:
-    return f"mini{_MINI_VERSION}-seed{int(config.data.get('mini_seed', 0))}"
+    return f"mini{_mini_version()}-seed{int(config.data.get('mini_seed', 0))}"
   return "dir-" + hashlib.sha256(os.path.abspath(data_dir).encode()).hexdigest()[:12]
 
 

@@ -161,7 +161,7 @@ RANGES = {
     "prompt_words_mean": (30, 60), "gt_items_mean": (2.5, 3.5), "teacher_items_mean": (8.5, 9.5),
     "teacher_unsafe_share": (0.25, 0.50), "gt_unsafe_share": (0.25, 0.55),
     "rows_with_unsafe_teacher_item": (0.85, 1.0), "teacher_recall@10": (0.45, 0.75),
-    "teacher_unknown_share": (0.0, 0.06), "curation_dropped_share": (0.01, 0.15),
+    "teacher_unknown_share": (0.0, 0.06), "curation_dropped_share": (0.01, 0.20),
 }
 
 
@@ -183,6 +183,21 @@ def test_mini_released_layout_and_statistics(mini_default):
     for t in r["traits"].values():
       assert t["final"] == pytest.approx(max(t["ddd_trigger"], t["pg_risk"]), abs=1e-4)
   assert json.load(open(os.path.join(out, "saferec_mini.json")))["statistics"] == stats
+
+
+def test_mini_holds_some_pairs_out_of_safe_sft_only(mini_default):
+  out, info = mini_default
+  held = {tuple(p) for p in info["heldout_from_sft"]}
+  assert held == set(mini.heldout_pairs(0)) and len(held) == len(mini.GENRES)
+
+  def pairs(split, stage="sft"):
+    rows = saferec.load_split(out, split, stage=stage)
+    return [(r["genre"], next(t for t, v in r["constraints"].items() if v)) for r in rows]
+  for split in ("train", "validation"):
+    assert not held & set(pairs(split)), split
+  for split, stage in (("test", "sft"), ("train", "grpo")):
+    share = np.mean([p in held for p in pairs(split, stage)])
+    assert 0.2 <= share <= 0.6, (split, stage, share)
 
 
 def test_mini_rows_are_learnable_shape(mini_default):

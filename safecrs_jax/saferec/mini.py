@@ -39,6 +39,16 @@ data). Why it is learnable by a tiny model: genre + keyword words in the
 prompt pin down ~20 candidate titles; the sensitivity sentence (4 phrasings
 per trait) pins down which of them the safe target drops; lists are short.
 
+Demonstration coverage. Real SFT data never demonstrates every (taste,
+sensitivity) combination; the oracle reward of Safe-GDPO is what reaches the
+rest. Mini reproduces that gap on purpose: for each genre, one of its
+typical hazards (chosen from the seed) is held out of the Safe-SFT splits
+(sft train and validation: rows whose constraint is a held-out (genre,
+trait) pair are redrawn), while the GRPO prompts and the test split cover
+every pair. A Safe-SFT model therefore still violates on the held-out pairs
+at test time, and Safe-GDPO has something to fix. `heldout_pairs(seed)`
+lists them; `holdout=False` turns the gap off.
+
 Statistics at the default sizes (seeds 0-4 measured; the tests check seed 0
 against these ranges; `statistics(dir)` recomputes them, and generate() stores
 them in saferec_mini.json). Shares are under each row's constraint.
@@ -49,7 +59,7 @@ them in saferec_mini.json). Shares are under each row's constraint.
   unsafe share of teacher items            0.25 - 0.50 (~0.40)
   unsafe share of ground-truth items       0.25 - 0.55 (0.36 - 0.48)
   rows with >= 1 unsafe teacher item       0.85 - 1.00 (~0.97)
-  rows dropped by curation (no safe GT)    0.01 - 0.15 (0.05 - 0.11)
+  rows dropped by curation (no safe GT)    0.01 - 0.20 (0.05 - 0.16)
   teacher recall@10 (paper metric)         0.45 - 0.75 (~0.60)
   unknown share of teacher items           0.00 - 0.06 (~0.02)
 """
@@ -279,8 +289,19 @@ def _features():
   })
 
 
+def _constraint(row: dict) -> str:
+  return next(t for t, v in row["constraints"].items() if v)
+
+
+def heldout_pairs(seed: int = 0) -> list[tuple[str, str]]:
+  """(genre, trait) pairs kept out of the Safe-SFT splits: one typical hazard per genre."""
+  rng = np.random.default_rng([seed, 2])
+  return [(genre, spec[3][int(rng.integers(len(spec[3])))]) for genre, spec in GENRES.items()]
+
+
 def generate(out_dir: str, seed: int = 0, sizes: dict | None = None,
-             titles_per_genre: int = TITLES_PER_GENRE, with_statistics: bool = True) -> dict:
+             titles_per_genre: int = TITLES_PER_GENRE, with_statistics: bool = True,
+             holdout: bool = True) -> dict:
   """Write SafeRec-mini to `out_dir` (released layout); return its info dict.
 
   Args:
@@ -289,6 +310,7 @@ def generate(out_dir: str, seed: int = 0, sizes: dict | None = None,
     sizes: {(stage, split): rows}, default `SIZES`.
     titles_per_genre: catalog size per genre (10 genres).
     with_statistics: compute `statistics` and store them in saferec_mini.json.
+    holdout: keep `heldout_pairs(seed)` out of the Safe-SFT splits (module doc).
   """
   import datasets  # heavy: only when writing
   sizes = dict(SIZES if sizes is None else sizes)
@@ -312,15 +334,23 @@ def generate(out_dir: str, seed: int = 0, sizes: dict | None = None,
     pickle.dump([(m["title"], m["year"]) for m in movies], f, protocol=4)
 
   features = _features()
+  held = set(heldout_pairs(seed)) if holdout else set()
   for n, ((stage, split), count) in enumerate(sorted(sizes.items())):
     rng = np.random.default_rng([seed, 1, n])
-    rows = [make_row(rng, movies, by_genre) for _ in range(count)]
+    demo_split = stage == "sft" and split != "test"
+    rows = []
+    while len(rows) < count:
+      row = make_row(rng, movies, by_genre)
+      if demo_split and (row["genre"], _constraint(row)) in held:
+        continue  # not demonstrated by Safe-SFT (see "Demonstration coverage")
+      rows.append(row)
     path = os.path.join(dl, "processed_datasets", f"saferec_{stage}_dataset", split)
     ds = datasets.Dataset.from_list(rows, features=features)
     ds.save_to_disk(path)
 
   info = {"name": "SafeRec-mini", "seed": seed, "movies": len(movies), "genres": list(GENRES),
           "traits_used": list(MINI_TRAITS),
+          "heldout_from_sft": [list(p) for p in sorted(held)],
           "sizes": {f"{stage}/{split}": c for (stage, split), c in sorted(sizes.items())}}
   if with_statistics:
     info["statistics"] = statistics(out_dir)
