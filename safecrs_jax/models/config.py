@@ -77,6 +77,10 @@ class ModelConfig:
   param_dtype: str = "float32"       # storage dtype of parameters (checkpoint dtype ignored)
   remat: bool = False                # rematerialise each decoder block in backward
   scan_layers: bool = True           # True: lax.scan over layers; False: unrolled loop
+  # Concatenate the q|k|v and gate|up kernels at run time and run one matmul each
+  # (faster on CPU / small models). Set False with tensor parallelism, where the
+  # concatenation would re-lay out the sharded kernels every step.
+  fuse_projections: bool = True
   initializer_range: float = 0.02    # stddev of normal init (HF convention)
 
   def __post_init__(self):

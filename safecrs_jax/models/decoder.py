@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from safecrs_jax import sharding as shd
 from safecrs_jax.models.config import ModelConfig
-from safecrs_jax.models.layers import Block, Dense, RMSNorm, dtype_of, rope_tables
+from safecrs_jax.models.layers import Block, DenseParams, RMSNorm, dense, dtype_of, rope_tables
 
 
 class Decoder(nn.Module):
@@ -69,7 +69,9 @@ class Decoder(nn.Module):
       logits = jnp.dot(x.reshape(-1, cfg.hidden_size), emb.T)          # [B*T,V]
       logits = logits.reshape(*x.shape[:-1], cfg.vocab_size)          # [B,T,V]
     else:
-      logits = Dense(cfg.vocab_size, ("embed", "vocab"), cfg, name="lm_head")(x)
+      head = DenseParams(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), cfg,
+                         name="lm_head")()
+      (logits,) = dense(x, [head], cfg, False)                        # [B,T,V]
     logits = shd.constrain(logits.astype(dt), ("act_batch", "act_length", "act_vocab"),
                            self.mesh, self.rules)
     return logits, kv

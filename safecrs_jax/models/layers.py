@@ -88,27 +88,47 @@ class RMSNorm(nn.Module):
     return scale.astype(self.dtype) * y.astype(self.dtype)
 
 
-class Dense(nn.Module):
-  """x @ kernel (+ bias), kernel [in, out] with logical names."""
+class DenseParams(nn.Module):
+  """Declares kernel [in, out] (+ bias [out]) with logical names; returns them."""
+  in_features: int
   features: int
   names: tuple                 # logical names of (in, out)
   cfg: ModelConfig
   use_bias: bool = False
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
-    cfg = self.cfg
-    kernel = self.param("kernel", _init(cfg, self.names), (x.shape[-1], self.features),
-                        dtype_of(cfg.param_dtype))
-    # Flatten the leading dims: one contracting dim in the weight gradient lets XLA:CPU
-    # use the GEMM directly instead of first transposing the activations.
-    y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel.astype(dtype_of(cfg.dtype)))
-    y = y.reshape(*x.shape[:-1], self.features)
+  def __call__(self):
+    pdt = dtype_of(self.cfg.param_dtype)
+    kernel = self.param("kernel", _init(self.cfg, self.names),
+                        (self.in_features, self.features), pdt)
+    bias = None
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(
-          nn.initializers.zeros, self.names[1:]), (self.features,), dtype_of(cfg.param_dtype))
-      y = y + bias.astype(y.dtype)
-    return y
+          nn.initializers.zeros, self.names[1:]), (self.features,), pdt)
+    return kernel, bias
+
+
+def dense(x: Array, weights: list, cfg: ModelConfig, fuse: bool) -> list:
+  """[x @ kernel (+ bias) for each (kernel, bias)] in cfg.dtype.
+
+  x is flattened to [rows, in] (one contracting dim, so the weight gradient is a plain
+  GEMM on XLA:CPU, no transposed copy of the activations). fuse=True concatenates
+  the kernels and runs one wider matmul (q|k|v, gate|up).
+  """
+  dt = dtype_of(cfg.dtype)
+  x2 = x.reshape(-1, x.shape[-1])                                     # [rows, in]
+  if fuse and len(weights) > 1:
+    sizes = [k.shape[1] for k, _ in weights]
+    kernel = jnp.concatenate([k for k, _ in weights], axis=1).astype(dt)
+    ys = jnp.split(jnp.dot(x2, kernel), np.cumsum(sizes)[:-1].tolist(), axis=1)
+  else:
+    ys = [jnp.dot(x2, k.astype(dt)) for k, _ in weights]
+  out = []
+  for y, (_, b) in zip(ys, weights):
+    if b is not None:
+      y = y + b.astype(dt)
+    out.append(y.reshape(*x.shape[:-1], y.shape[-1]))
+  return out
 
 
 class Attention(nn.Module):
@@ -129,9 +149,13 @@ class Attention(nn.Module):
     b, t, _ = x.shape
     n, k, h, g = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_groups
     dt = dtype_of(cfg.dtype)
-    q = Dense(n * h, ("embed", "heads"), cfg, cfg.attention_bias, name="q_proj")(x)
-    kk = Dense(k * h, ("embed", "kv_heads"), cfg, cfg.attention_bias, name="k_proj")(x)
-    v = Dense(k * h, ("embed", "kv_heads"), cfg, cfg.attention_bias, name="v_proj")(x)
+    d = x.shape[-1]
+    bias = cfg.attention_bias
+    q, kk, v = dense(x, [
+        DenseParams(d, n * h, ("embed", "heads"), cfg, bias, name="q_proj")(),
+        DenseParams(d, k * h, ("embed", "kv_heads"), cfg, bias, name="k_proj")(),
+        DenseParams(d, k * h, ("embed", "kv_heads"), cfg, bias, name="v_proj")(),
+    ], cfg, cfg.fuse_projections)
     q = q.reshape(b, t, n, h)                                         # [B,T,N,H]
     kk = kk.reshape(b, t, k, h)                                       # [B,T,K,H]
     v = v.reshape(b, t, k, h)                                         # [B,T,K,H]
@@ -174,8 +198,8 @@ class Attention(nn.Module):
     out = out.reshape(b, k, g, t, h) / denom.astype(dt)               # [B,K,G,T,H]
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * h)           # [B,T,N*H]
     out = shd.constrain(out, ("act_batch", "act_length", "act_heads"), self.mesh, self.rules)
-    y = Dense(cfg.hidden_size, ("heads", "embed"), cfg, cfg.attention_out_bias,
-              name="o_proj")(out)                                     # [B,T,D]
+    (y,) = dense(out, [DenseParams(n * h, cfg.hidden_size, ("heads", "embed"), cfg,
+                                   cfg.attention_out_bias, name="o_proj")()], cfg, False)
     return y, kv
 
 
@@ -188,11 +212,16 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
-    gate = Dense(cfg.intermediate_size, ("embed", "mlp"), cfg, name="gate_proj")(x)
-    up = Dense(cfg.intermediate_size, ("embed", "mlp"), cfg, name="up_proj")(x)
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    gate, up = dense(x, [
+        DenseParams(d, f, ("embed", "mlp"), cfg, name="gate_proj")(),
+        DenseParams(d, f, ("embed", "mlp"), cfg, name="up_proj")(),
+    ], cfg, cfg.fuse_projections)                                     # [B,T,F] each
     hmid = jax.nn.silu(gate) * up                                     # [B,T,F]
     hmid = shd.constrain(hmid, ("act_batch", "act_length", "act_mlp"), self.mesh, self.rules)
-    return Dense(cfg.hidden_size, ("mlp", "embed"), cfg, name="down_proj")(hmid)
+    (y,) = dense(hmid, [DenseParams(f, d, ("mlp", "embed"), cfg, name="down_proj")()],
+                 cfg, False)
+    return y
 
 
 class Block(nn.Module):
