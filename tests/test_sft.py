@@ -1,4 +1,5 @@
 """sft.py: the jitted step (sharding, accumulation, LoRA) and the loop (resume, SIGTERM)."""
+import dataclasses
 import functools
 import json
 import os
@@ -15,7 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import common, demo
-from safecrs_jax import checkpoint, lora, metrics_log, models, optim, sft
+from safecrs_jax import assets, checkpoint, lora, metrics_log, models, optim, sft, tokens
 from safecrs_jax import sharding as shd
 from safecrs_jax import train_state as ts
 
@@ -43,18 +44,18 @@ def _batch(a, m, t, seed=0):
   return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
 
 
-def _run_steps(mesh, batch, steps=2, rank=0, sgd=False):
+def _run_steps(mesh, batch, steps=2, rank=0, sgd=False, cfg=CFG):
   tx, sched = _optim()
   if sgd:  # linear in the gradient: Adam's first step (~sign(g)) amplifies float noise
     tx = optax.sgd(1.0)
-  params = models.init_params(CFG, jax.random.key(0), mesh=mesh)
+  params = models.init_params(cfg, jax.random.key(0), mesh=mesh)
   lora_p = lora.init(params, rank, ("q_proj", "v_proj"), jax.random.key(1)) if rank else None
   state = ts.create(params, tx, lora_p)
-  sh = ts.shardings(jax.eval_shape(lambda: state), models.param_logical_axes(CFG), mesh)
+  sh = ts.shardings(jax.eval_shape(lambda: state), models.param_logical_axes(cfg), mesh)
   state = jax.device_put(state, sh)
   bs = NamedSharding(mesh, P(None, shd.BATCH_AXES, None))
   rep = NamedSharding(mesh, P())
-  step = jax.jit(functools.partial(sft.train_step, model_cfg=CFG, tx=tx, schedule=sched,
+  step = jax.jit(functools.partial(sft.train_step, model_cfg=cfg, tx=tx, schedule=sched,
                                    lora_scale=2.0 if rank else None, mesh=mesh),
                  in_shardings=(sh, bs, rep), out_shardings=(sh, rep), donate_argnums=0)
   batch = jax.device_put(batch, bs)
@@ -112,6 +113,17 @@ def test_grad_accumulation_equals_one_big_batch():
   np.testing.assert_allclose(ma[0]["grad_norm"], mb[0]["grad_norm"], rtol=1e-5)
   assert ma[0]["loss_tokens"] == per.sum()
   _close(sa.params, sb.params, atol=1e-6)
+
+
+def test_bf16_compute_keeps_float32_master_weights():
+  batch = _batch(1, 4, 16, seed=4)
+  s32, m32 = _run_steps(_one_device(), batch, steps=1)
+  bf = dataclasses.replace(CFG, dtype="bfloat16")
+  s16, m16 = _run_steps(_one_device(), batch, steps=1, cfg=bf)
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(s16.params))
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(s16.opt_state) if x.ndim)
+  np.testing.assert_allclose(m16[0]["loss"], m32[0]["loss"], rtol=2e-2)
+  assert np.isfinite(m16[0]["grad_norm"])
 
 
 def test_lora_trains_only_adapters_and_merge_matches():
@@ -236,16 +248,25 @@ def test_demo_config_learns_through_the_entry_point(cache, tmp_path):
   assert val[30] < val[0] - 2.0, val            # ~7.3 (uniform over the vocab) -> ~3.3
 
 
-def test_lora_run_saves_adapters_and_loads_merged(cache, tmp_path):
+def test_lora_run_from_hf_dir_saves_adapters_and_loads_merged(cache, tmp_path):
+  """Starts from models.load_hf (model_dir + its tokenizer), trains LoRA, loads merged."""
   c = _config(cache, num_steps=2, eval_every=0)
+  tok_dir = assets.resolve_tokenizer_path(c)
+  base_cfg = sft.model_config(c, tokens.load_tokenizer(tok_dir))
+  hf = str(tmp_path / "base_hf")
+  models.save_hf(base_cfg, models.init_params(base_cfg, jax.random.key(7)), hf)
+  tokens.load_tokenizer(tok_dir).save_pretrained(hf)
+  c.model.hf_dir, c.model.overrides, c.tokenizer.path = hf, (), ""
   c.sft.lora.rank, c.sft.lora.targets = 4, ("q_proj", "down_proj")
   s = sft.train(c, str(tmp_path / "lora"))
   state = jax.device_get(s["run"].state)
+  _, base = models.load_hf(hf)
+  jax.tree.map(np.testing.assert_array_equal, state.params, jax.device_get(base))  # frozen
   assert set(state.lora["layers"]["self_attn"]) == {"q_proj"}
   assert checkpoint.saved_lora_info(str(tmp_path / "lora"))["rank"] == 4
   _, merged = checkpoint.load_params(str(tmp_path / "lora"))
   want = lora.merge(state.params, state.lora, 16.0 / 4)
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6), merged, want)
-  _, base, adapters, scale = checkpoint.load_params(str(tmp_path / "lora"), merge_lora=False)
+  _, base2, adapters, scale = checkpoint.load_params(str(tmp_path / "lora"), merge_lora=False)
   assert scale == 4.0
-  jax.tree.map(np.testing.assert_array_equal, base, state.params)
+  jax.tree.map(np.testing.assert_array_equal, base2, state.params)
