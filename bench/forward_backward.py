@@ -9,7 +9,6 @@ Same config, batch, length, float32, CPU, in one process. Prints JSON:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -19,7 +18,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
 from bench._common import cpu_peak_gflops, time_fn, train_flops_per_token  # noqa: E402
 from safecrs_jax import models  # noqa: E402
@@ -43,8 +42,7 @@ def ours(hf: dict, batch: int, length: int):
 
   def loss(params, ids):
     logits = models.forward(cfg, params, ids[:, :-1], mask[:, :-1]).astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]))
 
   step = jax.jit(jax.value_and_grad(loss))
   return cfg, lambda: step(params, ids)

@@ -201,7 +201,8 @@ def maybe_initialize_distributed() -> bool:
   Returns True when initialize() was called (now or earlier).
   """
   global _initialized
-  if _initialized:
+  is_init = getattr(jax.distributed, "is_initialized", None)
+  if _initialized or (is_init is not None and is_init()):
     return True
   num = _env_num_processes()
   addr = os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("COORDINATOR_ADDRESS")

@@ -308,7 +308,8 @@ def test_missing_tensor_names_tensor(good_dir):
 def test_extra_tensor_names_tensor_and_file(good_dir):
   name = "model.layers.0.self_attn.q_proj.bias"
   _edit(good_dir, lambda t: t.__setitem__(name, np.zeros((64,), np.float32)))
-  with pytest.raises(hf_io.CheckpointError, match=rf"unexpected tensor '{name}'.*model.safetensors"):
+  with pytest.raises(hf_io.CheckpointError,
+                     match=rf"unexpected tensor '{name}'.*model.safetensors"):
     models.load_hf(good_dir)
 
 
