@@ -16,6 +16,7 @@ Name mapping (l = layer; kernels are transposed, HF Linear stores [out, in]):
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -144,26 +145,39 @@ def _check_tensors(cfg: ModelConfig, where: dict[str, st.SafeFile], path: str):
                           f"num_hidden_layers?)")
 
 
-def _reader(cfg, where, template, stacked, transpose, dtype):
-  """index (tuple of slices of our global shape) -> numpy block of the param."""
+def _reader(cfg, where, template, stacked, transpose, sds, sharding):
+  """Callback for make_array_from_callback: index (slices of our global shape) -> block.
+
+  A block needed by several devices (replication) is read once and kept only until
+  its last device has taken it, so host memory holds about one device's share.
+  """
   def hf_block(name, idx):
     arr = where[name].get(name)
     if transpose:
       return arr[tuple(reversed(idx))].T
     return arr[idx]
 
+  def key(index):
+    return tuple((s.start, s.stop, s.step) for s in index)
+
+  pending = collections.Counter(
+      key(idx) for idx in sharding.addressable_devices_indices_map(sds.shape).values())
   cache = {}
 
   def read(index):
-    key = tuple((s.start, s.stop, s.step) for s in index)
-    if key not in cache:
+    k = key(index)
+    block = cache.pop(k, None)
+    if block is None:
       if stacked:
         layers = range(cfg.num_layers)[index[0]]
         block = np.stack([hf_block(template.format(l=i), tuple(index[1:])) for i in layers])
       else:
         block = hf_block(template, tuple(index))
-      cache[key] = np.ascontiguousarray(block.astype(dtype))
-    return cache[key]
+      block = np.ascontiguousarray(block.astype(sds.dtype))
+    pending[k] -= 1
+    if pending[k] > 0:
+      cache[k] = block
+    return block
   return read
 
 
@@ -186,7 +200,7 @@ def load_hf(path: str, mesh=None, rules=None, **overrides):
     shardings = [dev] * len(specs)
   leaves = []
   for (_, template, stacked, transpose, sds), sharding in zip(specs, shardings):
-    read = _reader(cfg, where, template, stacked, transpose, sds.dtype)
+    read = _reader(cfg, where, template, stacked, transpose, sds, sharding)
     leaves.append(jax.make_array_from_callback(sds.shape, sharding, read))
   treedef = jax.tree.structure(abstract_params(cfg))
   return cfg, jax.tree.unflatten(treedef, leaves)
