@@ -1,0 +1,225 @@
+"""The end-to-end default: SafeCRS on SafeRec-mini with a tiny model, on CPU.
+
+    summary = demo.run(workdir, size="tiny")
+
+Steps (each resumable: re-running the command skips finished stages):
+  1. SafeRec-mini is generated and the local BPE tokenizer trained, into
+     <workdir>/assets (deterministic from the seed).
+  2. base: the tiny model at its random initialisation, exported as a Hugging
+     Face directory (<workdir>/base) — the "before training" row.
+  3. Safe-SFT (<workdir>/sft).
+  4. Safe-GDPO (<workdir>/gdpo) and the GRPO ablation (<workdir>/grpo), both
+     from the final Safe-SFT checkpoint, same seed, same data.
+  5. Greedy evaluation of base / SFT / GDPO / GRPO on the test split
+     (<workdir>/eval/<name>/...), every saved GDPO step too (plots).
+  6. A table (<workdir>/summary.md, summary.json) and a verdict: does GDPO cut
+     SVR@10 clearly below SFT without Recall@10 collapsing? A run that does not
+     says so.
+"""
+import ast
+import json
+import os
+import time
+
+import jax
+
+from safecrs_jax import assets
+from safecrs_jax import evaluation
+from safecrs_jax import gdpo
+from safecrs_jax import models
+from safecrs_jax import sft
+from safecrs_jax import tokens
+
+# Verdict thresholds: GDPO must cut SVR@10 by at least this share of SFT's
+# SVR@10 (relative), and keep at least this share of SFT's Recall@10.
+MIN_SVR_REDUCTION = 0.25
+MIN_RECALL_KEPT = 0.5
+ROWS = ("base", "sft", "gdpo", "grpo")
+
+
+def get_configs(size="tiny", overrides=None):
+  """(sft_config, gdpo_config, grpo_config) of configs/demo.py for `size`."""
+  from configs import demo as demo_config
+  out = []
+  for stage, mode in (("sft", None), ("gdpo", "gdpo"), ("gdpo", "grpo")):
+    c = demo_config.get_config(f"stage={stage},size={size}")
+    if mode:
+      c.gdpo.advantage_mode = mode
+    for key, value in (overrides or {}).items():
+      _set(c, key, value)
+    out.append(c)
+  return tuple(out)
+
+
+def _set(config, dotted, value):
+  """config.<dotted> = value, parsing strings (from flags) after the field's type."""
+  node = config
+  *path, last = dotted.split(".")
+  for p in path:
+    if p not in node:
+      raise KeyError(f"unknown config field {dotted!r}")
+    node = node[p]
+  if last not in node:
+    raise KeyError(f"unknown config field {dotted!r}")
+  old = node[last]
+  if isinstance(value, str) and not isinstance(old, str):
+    if isinstance(old, bool):
+      value = value.lower() in ("1", "true", "yes")
+    elif isinstance(old, (tuple, list)):
+      value = ast.literal_eval(value)
+    else:
+      value = type(old)(value)
+  node[last] = value
+
+
+def _log(msg):
+  if jax.process_index() == 0:
+    print(f"[demo] {msg}", flush=True)
+
+
+def export_base(config, out_dir):
+  """The untrained model (seeded random init) as an HF directory with the tokenizer."""
+  if os.path.exists(os.path.join(out_dir, "config.json")):
+    return out_dir
+  tok_dir = assets.resolve_tokenizer_path(config)
+  tokenizer = tokens.load_tokenizer(tok_dir)
+  cfg = sft.model_config(config, tokenizer)
+  params = models.init_params(cfg, jax.random.key(int(config.seed)))
+  tmp = out_dir + ".tmp"
+  models.save_hf(cfg, params, tmp)
+  tokenizer.save_pretrained(tmp)
+  os.replace(tmp, out_dir)
+  return out_dir
+
+
+def verdict(table):
+  """(ok, message) on the GDPO row against the SFT row."""
+  s, g = table["sft"], table["gdpo"]
+  svr_s, svr_g = s["svr@10"], g["svr@10"]
+  rec_s, rec_g = s["recall@10"], g["recall@10"]
+  lower = svr_g <= svr_s * (1 - MIN_SVR_REDUCTION) and svr_s > 0
+  kept = rec_g >= MIN_RECALL_KEPT * rec_s
+  if lower and kept:
+    return True, (f"OK: GDPO cut SVR@10 from {100 * svr_s:.2f}% to {100 * svr_g:.2f}% "
+                  f"({100 * (1 - svr_g / svr_s):.0f}% lower) while keeping Recall@10 at "
+                  f"{rec_g:.4f} (SFT {rec_s:.4f}).")
+  why = []
+  if not lower:
+    why.append(f"SVR@10 did not fall by {100 * MIN_SVR_REDUCTION:.0f}% "
+               f"(SFT {100 * svr_s:.2f}%, GDPO {100 * svr_g:.2f}%)")
+  if not kept:
+    why.append(f"Recall@10 collapsed (SFT {rec_s:.4f}, GDPO {rec_g:.4f}, "
+               f"needed >= {MIN_RECALL_KEPT:.0%} of SFT)")
+  return False, "NOT SHOWN in this run: " + "; ".join(why) + "."
+
+
+def run(workdir, *, size="tiny", overrides=None, progress=True, eval_rows=-1):
+  """Runs the whole pipeline in `workdir`; returns the summary dict."""
+  t0 = time.time()
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  overrides = dict(overrides or {})
+  overrides.setdefault("data.cache_dir", os.path.join(workdir, "assets"))
+  overrides.setdefault("log.progress", progress)
+  if eval_rows > 0:
+    overrides.setdefault("eval.max_rows", eval_rows)
+  sft_cfg, gdpo_cfg, grpo_cfg = get_configs(size, overrides)
+  timings = {}
+
+  t = time.time()
+  data_dir = assets.resolve_data_dir(sft_cfg)
+  tok_dir = assets.resolve_tokenizer_path(sft_cfg, data_dir)
+  timings["assets_s"] = time.time() - t
+  _log(f"SafeRec-mini in {data_dir}; tokenizer in {tok_dir}")
+
+  paths = {"base": export_base(sft_cfg, os.path.join(workdir, "base")),
+           "sft": os.path.join(workdir, "sft"),
+           "gdpo": os.path.join(workdir, "gdpo"),
+           "grpo": os.path.join(workdir, "grpo")}
+  t = time.time()
+  _log("Safe-SFT ...")
+  sft.train(sft_cfg, paths["sft"])
+  timings["sft_s"] = time.time() - t
+  for name, cfg in (("gdpo", gdpo_cfg), ("grpo", grpo_cfg)):
+    t = time.time()
+    cfg.gdpo.init_checkpoint = paths["sft"]
+    _log(f"Safe-GDPO, advantage_mode={cfg.gdpo.advantage_mode} ...")
+    gdpo.train(cfg, paths[name])
+    timings[f"{name}_s"] = time.time() - t
+
+  t = time.time()
+  eval_dir = os.path.join(workdir, "eval")
+  table, reports = {}, {}
+  for name in ROWS:
+    _log(f"evaluating {name} on {sft_cfg.eval.split} ...")
+    target = paths[name]
+    if name != "base":
+      target = os.path.join(target, "checkpoints")
+    reps = evaluation.evaluate(sft_cfg, target, workdir=os.path.join(eval_dir, name),
+                               progress=progress,
+                               steps=None if name == "gdpo" else [_last_step(target)]
+                               if name != "base" else None)
+    reports[name] = reps[-1]
+    table[name] = reports[name]["metrics"]
+  timings["eval_s"] = time.time() - t
+
+  ok, message = verdict(table)
+  md = evaluation.comparison_table(reports, evaluation.HEADLINE)
+  plot = os.path.join(eval_dir, "models.png")
+  if jax.process_index() == 0:
+    plot_models(table, plot)
+  summary = {"table": {n: {k: table[n][k] for k in evaluation.HEADLINE} for n in ROWS},
+             "verdict_ok": ok, "verdict": message, "timings_s": timings,
+             "total_s": time.time() - t0, "workdir": workdir,
+             "reports": {n: os.path.join(eval_dir, n, sft_cfg.eval.split,
+                                         reports[n]["checkpoint"]["name"], evaluation.REPORT)
+                         for n in ROWS},
+             "plots": [p for p in (plot, os.path.join(eval_dir, "gdpo", sft_cfg.eval.split,
+                                                      "plots")) if os.path.exists(p)]}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=2)
+    with open(os.path.join(workdir, "summary.md"), "w", encoding="utf-8") as f:
+      f.write(md + "\n\n" + message + "\n")
+  summary["markdown"] = md
+  return summary
+
+
+def plot_models(table, path):
+  """Bar charts of the headline metrics, one bar per model."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  keys = evaluation.HEADLINE
+  fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3))
+  for ax, k in zip(axes, keys):
+    ax.bar(list(table), [table[n][k] for n in table], color=["#999", "#4c72b0", "#55a868",
+                                                            "#c44e52"][:len(table)])
+    ax.set_title(k)
+    ax.tick_params(axis="x", labelrotation=30)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def _last_step(run_checkpoints):
+  steps = [int(n) for n in os.listdir(run_checkpoints) if n.isdigit()]
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint in {run_checkpoints}")
+  return max(steps)
+
+
+def format_summary(summary):
+  """The console report: table, verdict, where things are."""
+  lines = ["", "SafeCRS on SafeRec-mini (test split, greedy decoding)", "",
+           summary["markdown"], "",
+           "base = the untrained model; sft = Safe-SFT; gdpo = Safe-GDPO (per-reward group "
+           "normalisation); grpo = the ablation (rewards summed first).", "",
+           summary["verdict"], "",
+           f"reports: {os.path.join(summary['workdir'], 'eval')}/<model>/<split>/<checkpoint>/"
+           "report.json (+ generations.jsonl)",
+           "plots:   " + ", ".join(summary["plots"]),
+           f"summary: {os.path.join(summary['workdir'], 'summary.md')}",
+           f"time:    {summary['total_s'] / 60:.1f} min"]
+  return "\n".join(lines)
