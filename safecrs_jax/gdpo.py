@@ -8,6 +8,8 @@ Shape legend:
   T  completion length (max new tokens); P prompt length
   M  micro-batches per optimizer step (gradient accumulation)
 
+`train(config, workdir)` is the whole stage (see the loop section at the end).
+
 Missing rewards (NaN) — one rule everywhere: a missing entry carries no
 information. It is left out of every count, mean and std; its normalised value is
 0 (exactly "group average"). Concretely:
@@ -23,13 +25,21 @@ information. It is left out of every count, mean and std; its normalised value i
     group statistics and of gdpo's batch-level normalisation.
 """
 import dataclasses
+import functools
+import json
+import os
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from safecrs_jax import rollout
+from jax.sharding import NamedSharding, PartitionSpec
+
+from safecrs_jax import assets, checkpoint, metrics_log, models, optim, rollout, sft, tokens
+from safecrs_jax import sharding as shd
+from safecrs_jax import train_state as ts
 
 ADV_EPS = 1e-4  # (r - mean) / (std + ADV_EPS), as in the reference trainers
 ADVANTAGE_MODES = ("gdpo", "grpo", "rank")
@@ -428,3 +438,376 @@ def train_step(state, ref_params, batch, *, model_cfg, loss_cfg, tx, schedule,
              "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
              "tokens": sums["tokens"]}
   return new_state, metrics
+
+
+# --------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------
+#
+# One loop step = one batch of prompts: M = grad_accum chunks of b =
+# batch_size x (data-parallel devices) prompts are rolled out (G samples each)
+# -> texts -> rewards on the host -> advantages over the whole step (N = M·b·G
+# rollouts) -> mu optimizer updates on that batch (old policy = the rollout's
+# log-probs). Resuming replays the same trajectory: prompt order from
+# (seed, epoch) permutations, rollout keys fold_in(seed key, loop step, chunk).
+
+def loss_config(gcfg):
+  return LossConfig(beta=float(gcfg.beta), eps_low=float(gcfg.eps_low),
+                    eps_high=float(gcfg.eps_high),
+                    importance_sampling=str(gcfg.importance_sampling),
+                    loss_agg=str(gcfg.loss_agg))
+
+
+def _numerics(config):
+  over = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+              remat=bool(config.model.remat))
+  if config.model.get("scan_layers", None) is not None:
+    over["scan_layers"] = bool(config.model.scan_layers)
+  return over
+
+
+def load_policy(config, mesh, rules, data_dir):
+  """(model_cfg, params, tokenizer) to start Safe-GDPO from.
+
+  gdpo.init_checkpoint: an orbax run dir / step dir written by Safe-SFT (its
+  model_config.json and tokenizer/ are used; LoRA adapters are merged), or a
+  Hugging Face dir (config.json + safetensors; its tokenizer if it has one).
+  Empty: the model section (model.hf_dir, else a random model.preset) — for
+  smoke tests and benchmarks only.
+  """
+  path = config.gdpo.init_checkpoint
+  over = _numerics(config)
+  if not path:
+    tok = tokens.load_tokenizer(assets.resolve_tokenizer_path(config, data_dir))
+    cfg = sft.model_config(config, tok)
+    if config.model.hf_dir:
+      return models.load_hf(config.model.hf_dir, mesh=mesh, rules=rules, **over) + (tok,)
+    return cfg, models.init_params(cfg, jax.random.key(int(config.seed)), mesh=mesh, rules=rules), tok
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"gdpo.init_checkpoint {path!r} does not exist")
+  is_hf = os.path.isdir(path) and any(
+      n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in os.listdir(path))
+  if is_hf:
+    cfg, params = models.load_hf(path, mesh=mesh, rules=rules, **over)
+    tok_dir = path if os.path.exists(os.path.join(path, "tokenizer_config.json")) else \
+        assets.resolve_tokenizer_path(config, data_dir)
+    return cfg, params, tokens.load_tokenizer(tok_dir)
+  cfg, params = checkpoint.load_params(path, mesh, rules, **over)
+  return cfg, params, tokens.load_tokenizer(checkpoint.tokenizer_dir(path))
+
+
+def _to_host(x):
+  """Global array -> full numpy array on every process."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _upload(full, sharding):
+  """Full numpy array (same on every process) -> global array in `sharding`."""
+  if jax.process_count() == 1:
+    return jax.device_put(full, sharding)
+  idx = sharding.addressable_devices_indices_map(full.shape)
+  return jax.make_array_from_single_device_arrays(
+      full.shape, sharding, [jax.device_put(full[i], d) for d, i in idx.items()])
+
+
+def rollout_svr(violations, lengths):
+  """[N] per-rollout violation ratio: violating items / items (0 for an empty list)."""
+  v = np.asarray(violations).sum(1)
+  n = np.asarray(lengths)
+  return np.where(n > 0, v / np.maximum(n, 1), 0.0)
+
+
+class Run:
+  """Everything `train` builds before looping (tests and benchmarks use the pieces)."""
+
+  def __init__(self, config, workdir):
+    from safecrs_jax import saferec
+    self.config, self.workdir = config, os.path.abspath(workdir)
+    g = self.gcfg = config.gdpo
+    if g.advantage_mode not in ADVANTAGE_MODES:
+      raise ValueError(f"gdpo.advantage_mode must be one of {ADVANTAGE_MODES}, got {g.advantage_mode!r}")
+    if len(g.rewards) != len(g.reward_weights):
+      raise ValueError(f"gdpo.rewards {tuple(g.rewards)} and gdpo.reward_weights "
+                       f"{tuple(g.reward_weights)} must have the same length")
+    if g.advantage_mode == "rank" and not set(g.rewards) <= {"relevance", "safety"}:
+      raise ValueError(f"gdpo.advantage_mode='rank' has per-rank forms of relevance and safety "
+                       f"only, got rewards {tuple(g.rewards)}")
+    self.loss_cfg = loss_config(g)
+    self.mu = int(g.mu)
+    if self.mu < 1:
+      raise ValueError(f"gdpo.mu must be >= 1, got {self.mu}")
+    self.mesh, self.rules = sft.make_mesh(config)
+    self.data_dir = assets.resolve_data_dir(config)
+    self.rows = saferec.load_split(self.data_dir, "train", stage="grpo",
+                                   strict=config.data.get("strict", True))
+    self.oracle = saferec.load_oracle(self.data_dir, float(config.data.risk_threshold))
+    self.model_cfg, params, self.tokenizer = load_policy(config, self.mesh, self.rules, self.data_dir)
+
+    dp = sft.data_parallel_size(self.mesh)
+    self.group = int(g.group_size)
+    self.micro_prompts = int(g.batch_size) * dp          # b prompts per chunk
+    self.accum = int(g.grad_accum)                       # M chunks
+    self.step_prompts = self.micro_prompts * self.accum
+    self.steps_per_epoch = len(self.rows) // self.step_prompts
+    if self.steps_per_epoch == 0:
+      raise ValueError(f"{len(self.rows)} GDPO prompts < one step of {self.step_prompts} "
+                       "(batch_size x devices x grad_accum); lower gdpo.batch_size / grad_accum")
+    self.num_steps = int(g.num_steps)
+    self.sampling = rollout.SamplingConfig(
+        max_new_tokens=int(g.max_completion_length), num_samples=self.group,
+        temperature=float(g.temperature), top_p=float(g.top_p), top_k=int(g.top_k),
+        stop_ids=tokens.stop_token_ids(self.tokenizer), pad_id=tokens.pad_id(self.tokenizer))
+    self.temperature = float(g.temperature) if float(g.temperature) > 0 else 1.0
+    self.weights = np.asarray(g.reward_weights, np.float32)
+    self.newline_ids = (newline_token_ids(self.tokenizer) if g.advantage_mode == "rank" else None)
+
+    self.tx, self.schedule = optim.make_optimizer(config.optim, self.num_steps * self.mu)
+    p_sh = models.param_shardings(self.model_cfg, self.mesh, self.rules)
+    abstract = jax.eval_shape(lambda p: ts.create(p, self.tx), models.abstract_params(self.model_cfg))
+    self.state_shardings = ts.shardings(abstract, models.param_logical_axes(self.model_cfg),
+                                        self.mesh, self.rules)
+    self.abstract_state = ts.with_shardings(abstract, self.state_shardings)
+    self.fingerprint = {
+        "model": sft.fingerprint(self.model_cfg, config, self.step_prompts)["model"],
+        "param_dtype": self.model_cfg.param_dtype, "stage": "gdpo",
+        "step_prompts": self.step_prompts, "group_size": self.group, "mu": self.mu,
+        "seed": int(config.seed)}
+    ck = config.checkpoint
+    self.ckpt = checkpoint.Checkpointer(
+        os.path.join(self.workdir, checkpoint.CHECKPOINTS), save_every=ck.save_every,
+        keep=ck.keep, async_save=ck.async_save)
+    self.root_key = jax.random.key(int(config.seed))
+    restored = self.ckpt.restore_latest(self.abstract_state, self.fingerprint)
+    copy = jax.jit(lambda p: ts.create(jax.tree.map(jnp.copy, p), self.tx),
+                   out_shardings=self.state_shardings)
+    if restored is not None:
+      self.state, data = restored
+      self.start_step = int(data["step"])
+      if int(jax.device_get(self.state.step)) != self.start_step * self.mu:
+        raise checkpoint.CheckpointError(
+            f"checkpoint in {self.ckpt.directory}: optimizer step {int(self.state.step)} != "
+            f"loop step {self.start_step} x mu {self.mu}")
+    else:
+      self.state, self.start_step = copy(params), 0
+    self.ref_params = params if self.loss_cfg.beta > 0 else None
+    del params
+    sft.write_run_files(self.workdir, config, self.model_cfg, self.tokenizer)
+
+    self.batch_sharding = lambda ndim: NamedSharding(
+        self.mesh, PartitionSpec(None, shd.BATCH_AXES, *([None] * (ndim - 2))))
+    self.prompt_sharding = NamedSharding(self.mesh, PartitionSpec(shd.BATCH_AXES, None))
+    repl = NamedSharding(self.mesh, PartitionSpec())
+    batch_sh = {k: self.batch_sharding(3) for k in (
+        "prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "old_logp")}
+    batch_sh["advantages"] = self.batch_sharding(3 if g.advantage_mode == "rank" else 2)
+    self.train_step = jax.jit(
+        functools.partial(train_step, model_cfg=self.model_cfg, loss_cfg=self.loss_cfg,
+                          tx=self.tx, schedule=self.schedule, temperature=self.temperature,
+                          mesh=self.mesh, rules=self.rules),
+        in_shardings=(self.state_shardings, None if self.ref_params is None else p_sh, batch_sh),
+        out_shardings=(self.state_shardings, repl), donate_argnums=0)
+    adv_mode = str(g.advantage_mode)
+    self.advantages = jax.jit(functools.partial(compute_advantages, group_size=self.group,
+                                                mode=adv_mode))
+    self.diagnostics = jax.jit(functools.partial(advantage_diagnostics, group_size=self.group))
+
+  # -- pieces of one loop step -------------------------------------------------
+  def prompt_indices(self, step):
+    """[M, b] row indices of loop step `step` (epoch permutation, drop-last)."""
+    epoch, index = divmod(int(step), self.steps_per_epoch)
+    perm = sft.epoch_permutation(self.config.seed, epoch, len(self.rows))
+    return perm[index * self.step_prompts:(index + 1) * self.step_prompts].reshape(
+        self.accum, self.micro_prompts)
+
+  def generate(self, params, idx, step):
+    """Rollouts of the prompts idx [M, b]: dict of [M, b·G, ...] numpy arrays."""
+    g = self.gcfg
+    flat = [self.rows[i]["prompt"] for i in idx.reshape(-1)]
+    pb = tokens.encode_prompts(self.tokenizer, flat, max_prompt_length=int(g.max_prompt_length),
+                               buckets=tuple(g.prompt_buckets))
+    p_ids = pb.input_ids.reshape(self.accum, self.micro_prompts, -1)
+    p_mask = pb.attention_mask.reshape(self.accum, self.micro_prompts, -1)
+    outs = []
+    for a in range(self.accum):
+      key = jax.random.fold_in(jax.random.fold_in(self.root_key, step), a)
+      r = rollout.generate(self.model_cfg, params, _upload(p_ids[a], self.prompt_sharding),
+                           _upload(p_mask[a], self.prompt_sharding), key, self.sampling,
+                           mesh=self.mesh, rules=self.rules)
+      outs.append(r)
+    host = [jax.tree.map(_to_host, r) for r in outs]
+    stack = lambda f: np.stack([getattr(h, f) for h in host])
+    return {"prompt_ids": np.repeat(p_ids, self.group, axis=1),
+            "prompt_mask": np.repeat(p_mask, self.group, axis=1),
+            "completion_ids": stack("tokens"), "completion_mask": stack("mask"),
+            "old_logp": stack("logprobs"), "truncated_prompts": pb.num_truncated}
+
+  def score(self, batch, idx):
+    """Rewards of a rollout batch: (rewards [N, R] or [N, R, K], texts, rows, info)."""
+    from safecrs_jax import saferec
+    g = self.gcfg
+    ids = batch["completion_ids"].reshape(-1, batch["completion_ids"].shape[-1])
+    mask = batch["completion_mask"].reshape(ids.shape)
+    texts = self.tokenizer.batch_decode([row[m > 0].tolist() for row, m in zip(ids, mask)],
+                                        skip_special_tokens=True)
+    rows = [self.rows[i] for i in np.repeat(idx.reshape(-1), self.group)]
+    parsed = saferec.parse_all(texts)
+    kw = dict(rec_num=int(g.rec_num), lambda_safe=float(g.lambda_safe),
+              penalty_safe=float(g.penalty_safe))
+    if g.advantage_mode == "rank":
+      parts = saferec.rank_rewards(parsed, rows, rows, self.oracle, mode=str(g.rank_reward),
+                                   components=True, **kw)
+      rewards = np.stack([parts[n] for n in g.rewards], axis=1)             # [N, R, K]
+    else:
+      out = saferec.compute_rewards(parsed, rows, self.oracle, tuple(g.rewards),
+                                    target_count=int(g.target_count),
+                                    lambda_count=float(g.lambda_count),
+                                    relevance_dcg=(g.relevance == "dcg"), **kw)
+      rewards = np.stack([out[n] for n in g.rewards], axis=1)                # [N, R]
+    k = int(g.rec_num)
+    o_rows = self.oracle.rows(parsed, k)                                      # [N, k]
+    masks = self.oracle.masks([r["constraints"] for r in rows])
+    viol = self.oracle.trait_violations(o_rows, masks).any(-1)
+    n_items = np.array([min(len(p), k) for p in parsed])
+    present = np.arange(k)[None] < n_items[:, None]
+    unknown = ((o_rows == self.oracle.unknown_row) & present).sum() / max(present.sum(), 1)
+    hit = saferec.relevance_reward(parsed, rows, int(g.rec_num))
+    info = {"rollout/svr": float(rollout_svr(viol, n_items).mean()),
+            "rollout/hit": float(hit.mean()),
+            "rollout/num_items": float(n_items.mean()),
+            "rollout/unknown": float(unknown),
+            "rollout/unparsed": float((n_items == 0).mean())}
+    return rewards.astype(np.float32), texts, info
+
+  def token_advantages(self, rewards, batch):
+    """[M, b·G] (or [M, b·G, T] in rank mode) advantages + their diagnostics."""
+    m, n, t = batch["completion_ids"].shape
+    adv = np.asarray(self.advantages(rewards, weights=self.weights))
+    diag = jax.device_get(self.diagnostics(rewards, weights=self.weights))
+    if self.gcfg.advantage_mode == "rank":
+      ids = batch["completion_ids"].reshape(m * n, t)
+      items = item_index(ids, batch["completion_mask"].reshape(m * n, t), self.newline_ids,
+                         self.sampling.stop_ids, int(self.gcfg.rec_num),
+                         decode=lambda x: self.tokenizer.decode(x, skip_special_tokens=True))
+      tok = token_advantages(adv, items)
+      return tok.reshape(m, n, t), adv, diag
+    return adv.reshape(m, n).astype(np.float32), adv, diag
+
+  def learner_batch(self, batch, adv):
+    keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "old_logp")
+    out = {k: _upload(np.asarray(batch[k]), self.batch_sharding(np.ndim(batch[k]))) for k in keys}
+    out["advantages"] = _upload(adv, self.batch_sharding(adv.ndim))
+    return out
+
+  def data_position(self, step):
+    epoch, index = divmod(int(step), self.steps_per_epoch)
+    return {"step": int(step), "epoch": epoch, "index": index, "rng_seed": int(self.config.seed),
+            "fingerprint": self.fingerprint}
+
+  def step(self, state, step):
+    """One loop step: (state', host metrics of the rollouts, learner metrics (device))."""
+    t0 = time.perf_counter()
+    idx = self.prompt_indices(step)
+    batch = self.generate(state.params, idx, step)
+    t1 = time.perf_counter()
+    rewards, _, info = self.score(batch, idx)
+    t2 = time.perf_counter()
+    adv, raw_adv, diag = self.token_advantages(rewards, batch)
+    lb = self.learner_batch(batch, adv)
+    learner = []
+    for _ in range(self.mu):
+      state, m = self.train_step(state, self.ref_params, lb)
+      learner.append(m)
+    jax.block_until_ready(state.step)
+    t3 = time.perf_counter()
+    mask = batch["completion_mask"]
+    lengths = mask.sum(-1)
+    gen_tokens = float(lengths.sum())
+    host = dict(info)
+    for i, name in enumerate(self.gcfg.rewards):
+      host[f"reward/{name}"] = float(diag["reward_mean"][i])
+      host[f"reward/{name}_std"] = float(diag["reward_std"][i])
+      host[f"adv/zero_var_{name}"] = float(diag["zero_var_groups"][i])
+    for k, v in diag.items():
+      if k.startswith("collapse_"):
+        host[f"adv/{k}"] = float(v)
+    host.update({
+        "adv/mean": float(raw_adv.mean()), "adv/std": float(raw_adv.std()),
+        "adv/abs_mean": float(np.abs(raw_adv).mean()),
+        "adv/zero_share": float((np.abs(raw_adv) < 1e-6).mean()),
+        "rollout/length": float(lengths.mean()),
+        "rollout/stopped": float(np.mean(np.isin(np.take_along_axis(
+            batch["completion_ids"], np.maximum(lengths - 1, 0)[..., None], -1)[..., 0],
+            self.sampling.stop_ids) & (lengths > 0))),
+        "rollout/truncated_prompts": float(batch["truncated_prompts"]),
+        "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/learner_s": t3 - t2,
+        "time/step_s": t3 - t0,
+        "perf/rollout_tokens_per_s": gen_tokens / max(t1 - t0, 1e-9),
+        "perf/learner_tokens_per_s": self.mu * float(
+            batch["prompt_mask"].sum() + gen_tokens) / max(t3 - t2, 1e-9),
+    })
+    return state, host, learner
+
+
+def _learner_record(fetched):
+  last = fetched[-1]
+  out = {f"train/{k}": float(np.mean([float(m[k]) for m in fetched]))
+         for k in ("loss", "kl", "clip_low", "clip_high", "ratio", "grad_norm")}
+  out["train/lr"] = float(last["lr"])
+  return out
+
+
+def train(config, workdir):
+  """Runs (or resumes) Safe-GDPO in `workdir`; returns a summary dict.
+
+  Summary: start_step, final_step, history (one dict of host metrics per loop
+  step run in this call: rollout SVR / hit rate, rewards, advantage
+  diagnostics, timings, and train/* for logged steps), preempted, run.
+  """
+  run = Run(config, workdir)
+  log_cfg = config.log
+  writer = metrics_log.MetricWriter(run.workdir, tensorboard=bool(log_cfg.tensorboard))
+  progress = metrics_log.Progress(run.num_steps, initial=run.start_step, desc="gdpo",
+                                  enabled=bool(log_cfg.progress))
+  watch = checkpoint.PreemptionWatch()
+  summary = {"workdir": run.workdir, "start_step": run.start_step, "history": [],
+             "preempted": False}
+  progress.write(f"gdpo: {len(run.rows)} prompts, {run.num_steps} steps of {run.step_prompts} "
+                 f"prompts x G={run.group}, mu={run.mu}, advantages={config.gdpo.advantage_mode}"
+                 + (f"; resuming at step {run.start_step}" if run.start_step else ""))
+  every = max(int(log_cfg.every), 1)
+  state, step = run.state, run.start_step
+  window, pending = [], []
+  try:
+    while step < run.num_steps:
+      state, host, learner = run.step(state, step)
+      step += 1
+      window.append(host)
+      pending.extend(learner)
+      summary["history"].append(dict(host, step=step))
+      if step % every == 0 or step == run.num_steps:
+        record = {k: float(np.mean([h[k] for h in window])) for k in window[0]}
+        record.update(_learner_record(jax.device_get(pending)))
+        summary["history"][-1].update({k: v for k, v in record.items() if k.startswith("train/")})
+        writer.write(step, record)
+        progress.update(len(window), svr=record["rollout/svr"], hit=record["rollout/hit"],
+                        kl=record["train/kl"])
+        window, pending = [], []
+      if run.ckpt.should_save(step) or step == run.num_steps:
+        run.ckpt.save(step, state, run.data_position(step), force=True)
+      if watch.reached(step) and step < run.num_steps:
+        run.ckpt.save(step, state, run.data_position(step), force=True)
+        summary["preempted"] = True
+        progress.write(f"gdpo: SIGTERM at step {step}; checkpoint written, exiting")
+        break
+  finally:
+    run.ckpt.close()
+    writer.close()
+    progress.close()
+    watch.close()
+  run.state = state
+  summary["final_step"] = step
+  summary["run"] = run
+  return summary

@@ -1,0 +1,38 @@
+r"""Safe-GDPO: group-relative policy optimisation from a Safe-SFT checkpoint.
+
+  python -m launch.train_gdpo --config=configs/demo.py:stage=gdpo --workdir=runs/gdpo \
+      [--config.gdpo.init_checkpoint=runs/sft] [--config.gdpo.advantage_mode=grpo]
+
+gdpo.init_checkpoint takes a Safe-SFT run directory, one orbax step directory
+or a Hugging Face directory. Re-running the same command in the same workdir
+resumes from its latest checkpoint on the same trajectory.
+"""
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from safecrs_jax import gdpo
+from safecrs_jax import sharding
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file; use its gdpo stage (…:stage=gdpo).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, tb).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if config.get("stage", "gdpo") != "gdpo":
+    raise app.UsageError(f"config stage is {config.stage!r}; pass …:stage=gdpo")
+  sharding.maybe_initialize_distributed()
+  summary = gdpo.train(config, _WORKDIR.value)
+  if sharding.is_main_process():
+    last = summary["history"][-1] if summary["history"] else {}
+    print(f"gdpo: step {summary['final_step']} in {summary['workdir']}; last rollout "
+          f"SVR {last.get('rollout/svr', float('nan')):.4f}, hit {last.get('rollout/hit', float('nan')):.4f}")
+
+
+if __name__ == "__main__":
+  app.run(main)
