@@ -165,3 +165,20 @@ def test_checkpoint_resolution_errors_are_clear(tmp_path):
   assert [t.step for t in evaluation.resolve_targets(str(tmp_path), ["10"])] == [10]
   with pytest.raises(FileNotFoundError, match=r"steps \[7\] not saved"):
     evaluation.resolve_targets(str(tmp_path), ["7"])
+
+
+def test_launch_evaluate_entry_point(setup):
+  import subprocess
+  import sys
+  root, config, base = setup
+  work = root / "launch"
+  cmd = [sys.executable, "-m", "launch.evaluate", "--config=configs/demo.py:size=test",
+         f"--config.data.cache_dir={config.data.cache_dir}", "--config.eval.max_rows=4",
+         "--config.eval.max_new_tokens=8", "--config.log.progress=False",
+         f"--checkpoint={base}", "--split=validation", f"--workdir={work}"]
+  proc = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "| base |" in proc.stdout
+  report = json.load(open(work / "validation" / "base" / evaluation.REPORT))
+  assert report["split"] == "validation" and report["metrics"]["num_rows"] == 4
