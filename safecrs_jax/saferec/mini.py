@@ -313,6 +313,7 @@ def generate(out_dir: str, seed: int = 0, sizes: dict | None = None,
     holdout: keep `heldout_pairs(seed)` out of the Safe-SFT splits (module doc).
   """
   import datasets  # heavy: only when writing
+  datasets.disable_progress_bars()  # a few small splits: the bars are only noise
   sizes = dict(SIZES if sizes is None else sizes)
   movies = build_catalog(seed, titles_per_genre)
   by_genre: dict[str, list[int]] = {}
