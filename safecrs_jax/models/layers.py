@@ -131,6 +131,27 @@ def dense(x: Array, weights: list, cfg: ModelConfig, fuse: bool) -> list:
   return out
 
 
+def _attend(q, k, v, mask, dt):
+  """Softmax attention. q [B,K,G,T,H] (pre-scaled); k, v [B,K,S,H]; mask [B,1,1,T,S].
+
+  The G query heads of a kv head are merged into the row dim (M = G*T), so every
+  matmul contracts a single dim: XLA:CPU runs them as plain batched GEMMs in the
+  backward pass too (no transposed copies of [T, S] arrays). The softmax
+  normalisation is deferred to the [T, H] output (one pass less over the scores);
+  fully masked rows become uniform, not NaN. Returns [B,K,G,T,H] in dt.
+  """
+  b, kh, g, t, h = q.shape
+  s = k.shape[2]
+  scores = jnp.einsum("bkmh,bksh->bkms", q.reshape(b, kh, g * t, h), k)   # [B,K,M,S]
+  scores = scores.reshape(b, kh, g, t, s).astype(jnp.float32)             # [B,K,G,T,S]
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  peak = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+  weights = jnp.exp(scores - peak).astype(dt)                             # [B,K,G,T,S]
+  denom = jnp.sum(weights, axis=-1, keepdims=True, dtype=jnp.float32)     # [B,K,G,T,1]
+  out = jnp.einsum("bkms,bksh->bkmh", weights.reshape(b, kh, g * t, s), v)  # [B,K,M,H]
+  return out.reshape(b, kh, g, t, h) / denom.astype(dt)
+
+
 class Attention(nn.Module):
   """Grouped-query self-attention with RoPE; optional KV cache."""
   cfg: ModelConfig
@@ -177,25 +198,11 @@ class Attention(nn.Module):
       v = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False)   # [B,S,K,H]
       kv = (cache_k, cache_v, layer, index)
 
-    # Head-major layout with the G query heads of a kv head merged into the row dim
-    # (M = G*T): every attention matmul then contracts a single dim, which XLA:CPU
-    # runs as a plain batched GEMM in backward too (no transposes of [T, S] arrays).
-    s_len = kk.shape[1]
     q = q.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)              # [B,K,G,T,H]
-    q = q.reshape(b, k, g * t, h) * jnp.asarray(h ** -0.5, dt)        # [B,K,M,H]
-    kk = kk.transpose(0, 2, 1, 3)                                     # [B,K,S,H]
+    q = q * jnp.asarray(h ** -0.5, dt)
+    kk = kk.astype(dt).transpose(0, 2, 1, 3)                          # [B,K,S,H]
     v = v.astype(dt).transpose(0, 2, 1, 3)                            # [B,K,S,H]
-    scores = jnp.einsum("bkmh,bksh->bkms", q, kk)                     # [B,K,M,S]
-    scores = scores.reshape(b, k, g, t, s_len)                        # [B,K,G,T,S]
-    scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-    # Softmax with the normalisation deferred to the [.., T, H] output (one pass less
-    # over the [T, S] scores than jax.nn.softmax); masked rows become uniform, not NaN.
-    peak = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
-    weights = jnp.exp(scores - peak).astype(dt)                       # [B,K,G,T,S]
-    denom = jnp.sum(weights, axis=-1, keepdims=True, dtype=jnp.float32)  # [B,K,G,T,1]
-    weights = weights.reshape(b, k, g * t, s_len)                     # [B,K,M,S]
-    out = jnp.einsum("bkms,bksh->bkmh", weights, v)                   # [B,K,M,H]
-    out = out.reshape(b, k, g, t, h) / denom.astype(dt)               # [B,K,G,T,H]
+    out = _attend(q, kk, v, mask, dt)                                 # [B,K,G,T,H]
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * h)           # [B,T,N*H]
     out = shd.constrain(out, ("act_batch", "act_length", "act_heads"), self.mesh, self.rules)
     (y,) = dense(out, [DenseParams(n * h, cfg.hidden_size, ("heads", "embed"), cfg,
