@@ -1,0 +1,115 @@
+"""Rollout throughput: our jitted KV-cache sampler vs Hugging Face `generate` (PyTorch).
+
+Same weights (saved with models.save_hf, loaded by transformers), same batch of
+prompts, same prompt length and number of new tokens, float32, CPU, KV cache on
+in both, in one process. Every row generates exactly --new tokens (no stop ids;
+HF gets min_new_tokens = max_new_tokens). Prints JSON:
+  sizes.<name>: generated tokens/s of both (best timed call), ratio = ours / HF,
+  compile_s (our first call), greedy_agreement (share of equal greedy tokens);
+  ratio: the smallest per-size ratio. Goal: ratio >= 2.
+
+  python bench/rollout.py [--sizes tiny,25m] [--batch 32] [--prompt 128] [--new 128]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench._common import time_fn  # noqa: E402
+from safecrs_jax import models, rollout  # noqa: E402
+
+_25M = dict(models.PRESETS["tiny"], hidden_size=512, num_hidden_layers=6,
+            num_attention_heads=8, num_key_value_heads=8, head_dim=64,
+            intermediate_size=1536, vocab_size=8192)
+SIZES = {"tiny": models.PRESETS["tiny"], "25m": _25M}
+
+
+def _prompts(vocab, batch, length, seed=0):
+  """Left-padded prompts: row i has length - (i % 4) * length // 8 real tokens."""
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(3, vocab, size=(batch, length)).astype(np.int32)
+  mask = np.ones_like(ids)
+  for i in range(batch):
+    mask[i, :(i % 4) * length // 8] = 0
+  return ids * mask, mask
+
+
+def compare(name, batch, prompt_len, new, iters, repeats, greedy):
+  hf = SIZES[name]
+  cfg = models.ModelConfig.from_hf(hf, scan_layers=False, initializer_range=0.2)
+  params = models.init_params(cfg, jax.random.key(0))
+  ids, mask = _prompts(cfg.vocab_size, batch, prompt_len)
+  sc = rollout.SamplingConfig(max_new_tokens=new, greedy=greedy, temperature=1.0)
+  key = jax.random.key(1)
+  t0 = time.perf_counter()
+  first = rollout.generate(cfg, params, ids, mask, key, sc)
+  jax.block_until_ready(first.tokens)
+  compile_s = time.perf_counter() - t0
+
+  import torch
+  import transformers
+  with tempfile.TemporaryDirectory() as d:
+    models.save_hf(cfg, params, d)
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+  t_ids, t_mask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
+  gen_kw = dict(max_new_tokens=new, min_new_tokens=new, use_cache=True, pad_token_id=0,
+                do_sample=not greedy, top_k=0, top_p=1.0, temperature=1.0)
+
+  def hf_call():
+    with torch.no_grad():
+      return model.generate(input_ids=t_ids, attention_mask=t_mask, **gen_kw)
+
+  ours_fn = lambda: rollout.generate(cfg, params, ids, mask, key, sc).tokens
+  runs = {"ours": [], "hf": []}
+  for r in range(repeats):
+    for k, fn in (("ours", ours_fn), ("hf", hf_call)):
+      runs[k] += time_fn(fn, warmup=1 if r == 0 else 0, iters=iters)["times_s"]
+  tokens = batch * new
+  row = {"params": models.count_params(cfg), "batch": batch, "prompt_len": prompt_len,
+         "new_tokens": new, "greedy": greedy, "compile_s": round(compile_s, 2)}
+  for k, times in runs.items():
+    best = min(times)
+    row[k] = {"tokens_per_s": round(tokens / best, 1), "best_s": round(best, 4),
+              "median_s": round(sorted(times)[len(times) // 2], 4)}
+  row["hf"]["threads"] = torch.get_num_threads()
+  row["ratio"] = round(min(runs["hf"]) / min(runs["ours"]), 3)
+  if greedy:
+    theirs = hf_call()[:, ids.shape[1]:].numpy()
+    row["greedy_agreement"] = round(float((theirs == np.asarray(first.tokens)).mean()), 4)
+  return row
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--sizes", default="tiny", help="comma list of: tiny, 25m")
+  ap.add_argument("--batch", type=int, default=32)
+  ap.add_argument("--prompt", type=int, default=128)
+  ap.add_argument("--new", type=int, default=128)
+  ap.add_argument("--iters", type=int, default=2)
+  ap.add_argument("--repeats", type=int, default=2)
+  ap.add_argument("--sample", action="store_true", help="temperature-1 sampling instead of greedy")
+  args = ap.parse_args(argv)
+  out = {"sizes": {}, "timing": f"best of {args.iters * args.repeats} timed calls each, "
+         f"{args.repeats} interleaved rounds (ours, hf), after 1 warm-up call; shared machine: "
+         "best = least disturbed", "dtype": "float32",
+         "device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
+  for name in args.sizes.split(","):
+    out["sizes"][name] = compare(name, args.batch, args.prompt, args.new, args.iters,
+                                 args.repeats, greedy=not args.sample)
+  out["ratio"] = min(r["ratio"] for r in out["sizes"].values())
+  print(json.dumps(out, indent=2))
+  return out
+
+
+if __name__ == "__main__":
+  main()
