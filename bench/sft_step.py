@@ -131,8 +131,13 @@ def main(argv=None):
   out["peak_how"] = peak["how"]
   est = peak["estimate"]
   out["peak_estimate_gflops"] = round(est["gflops"], 1)
+  out["peak_note"] = ("the measured peak is only as good as the quietest of 5 matmuls; on a "
+                      "busy machine compare with the nominal estimate as well")
   for row in out["sizes"].values():
-    row["ours"]["share_of_peak"] = round(row["ours"]["gflops"] / out["peak_gflops"], 3)
+    for key in ("ours", "pytorch"):
+      row[key]["share_of_peak"] = round(row[key]["gflops"] / out["peak_gflops"], 3)
+      row[key]["share_of_nominal_peak"] = round(
+          row[key]["gflops"] / out["peak_estimate_gflops"], 3)
   print(json.dumps(out, indent=2))
   return out
 
