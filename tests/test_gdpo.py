@@ -8,6 +8,17 @@ import jax.numpy as jnp
 from safecrs_jax import gdpo
 
 E = gdpo.ADV_EPS
+# Jitted once per shape: far fewer compilations than op-by-op eager dispatch.
+_adv = jax.jit(gdpo.compute_advantages, static_argnums=(1, 3))
+_diag = jax.jit(gdpo.advantage_diagnostics, static_argnums=1)
+
+
+def advs(rewards, group_size, weights=None, mode="gdpo"):
+  return np.asarray(_adv(np.asarray(rewards, np.float32), group_size, weights, mode))
+
+
+def diag(rewards, group_size, weights=None):
+  return jax.device_get(_diag(np.asarray(rewards, np.float32), group_size, weights))
 
 
 def _np_group_norm(x, g):
@@ -20,12 +31,12 @@ def _np_group_norm(x, g):
 def test_gdpo_hand_computed():
   # One group of 4, one reward [1, 0, 0, 0]: mean .25, unbiased std .5.
   r = np.array([[1.0], [0.0], [0.0], [0.0]])
-  adv = np.asarray(gdpo.compute_advantages(r, 4, mode="grpo"))
+  adv = advs(r, 4, mode="grpo")
   np.testing.assert_allclose(adv, np.array([0.75, -0.25, -0.25, -0.25]) / (0.5 + E), rtol=1e-6)
   # gdpo adds the batch-level step: (a - mean) / (std + eps) over all rows.
   a1 = np.array([0.75, -0.25, -0.25, -0.25]) / (0.5 + E)
   want = (a1 - a1.mean()) / (a1.std(ddof=1) + E)
-  np.testing.assert_allclose(gdpo.compute_advantages(r, 4), want, rtol=1e-5)
+  np.testing.assert_allclose(advs(r, 4), want, rtol=1e-5)
 
 
 def test_gdpo_two_rewards_weights_and_batch_norm():
@@ -34,35 +45,35 @@ def test_gdpo_two_rewards_weights_and_batch_norm():
   w = np.array([1.0, 0.5])
   pre = _np_group_norm(r[:, 0], 3) * w[0] + _np_group_norm(r[:, 1], 3) * w[1]
   want = (pre - pre.mean()) / (pre.std(ddof=1) + E)
-  got = jax.jit(gdpo.compute_advantages, static_argnums=(1, 3))(r, 3, w, "gdpo")
+  got = advs(r, 3, w, "gdpo")
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   want_grpo = _np_group_norm(r @ w, 3)
-  np.testing.assert_allclose(gdpo.compute_advantages(r, 3, w, "grpo"), want_grpo, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(advs(r, 3, w, "grpo"), want_grpo, rtol=1e-5, atol=1e-6)
 
 
 def test_grpo_collapses_where_gdpo_separates():
   # Rows 0 = (1, 0) and 1 = (0, 1) have the same sum, so GRPO gives them one
   # advantage; per-reward normalisation sees reward 2 is common in this group.
   r = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 1.0]])
-  grpo = np.asarray(gdpo.compute_advantages(r, 4, mode="grpo"))
-  gd = np.asarray(gdpo.compute_advantages(r, 4, mode="gdpo"))
+  grpo = advs(r, 4, mode="grpo")
+  gd = advs(r, 4, mode="gdpo")
   assert grpo[0] == pytest.approx(grpo[1])
   assert abs(gd[0] - gd[1]) > 0.2
   # Hand values before the batch step: r1 -> ±.5/.57735, r2 -> [-.75, .25, .25, .25]/.5
   s1, s2 = np.sqrt(1 / 3) + E, 0.5 + E
   pre = np.array([0.5 / s1 - 0.75 / s2, -0.5 / s1 + 0.25 / s2, 0.5 / s1 + 0.25 / s2, -0.5 / s1 + 0.25 / s2])
   np.testing.assert_allclose(gd, (pre - pre.mean()) / (pre.std(ddof=1) + E), rtol=1e-5)
-  d = gdpo.advantage_diagnostics(r, 4)
+  d = diag(r, 4)
   assert float(d["collapse_grpo"]) == 1.0 and float(d["collapse_gdpo"]) == 0.0
 
 
 def test_zero_variance_groups():
   # Group 0 constant in both rewards -> 0; group 1 varies in reward 0 only.
   r = np.array([[1.0, -1.0], [1.0, -1.0], [0.0, 0.0], [1.0, 0.0]])
-  adv = np.asarray(gdpo.compute_advantages(r, 2, mode="grpo"))
+  adv = advs(r, 2, mode="grpo")
   np.testing.assert_allclose(adv[:2], 0.0, atol=1e-7)
   assert adv[3] > 0 > adv[2]
-  d = gdpo.advantage_diagnostics(r, 2)
+  d = diag(r, 2)
   np.testing.assert_allclose(d["zero_var_groups"], [0.5, 1.0])
   np.testing.assert_allclose(d["reward_mean"], [0.75, -0.5])
   np.testing.assert_allclose(d["reward_std"], [np.std([1, 1, 0, 1], ddof=1), np.std([-1, -1, 0, 0], ddof=1)], rtol=1e-6)
@@ -73,7 +84,7 @@ def test_nan_rewards_are_missing():
   r = np.array([[1.0, nan], [0.0, -1.0], [nan, nan], [0.0, 0.0],   # group 0
                 [nan, nan], [nan, nan], [nan, nan], [nan, nan]])   # group 1: all missing
   for mode in ("gdpo", "grpo"):
-    adv = np.asarray(gdpo.compute_advantages(r, 4, mode=mode))
+    adv = advs(r, 4, mode=mode)
     assert np.all(np.isfinite(adv)), mode
     np.testing.assert_array_equal(adv[[2, 4, 5, 6, 7]], 0.0)
   # gdpo by hand: reward 0 over rows {0,1,3}: [1,0,0]; reward 1 over {1,3}: [-1,0].
@@ -81,19 +92,19 @@ def test_nan_rewards_are_missing():
   a1 = _np_group_norm([-1.0, 0.0], 2)
   pre = np.array([a0[0], a0[1] + a1[0], a0[2] + a1[1]])
   want = (pre - pre.mean()) / (pre.std(ddof=1) + E)
-  np.testing.assert_allclose(np.asarray(gdpo.compute_advantages(r, 4))[[0, 1, 3]], want, rtol=1e-5)
+  np.testing.assert_allclose(advs(r, 4)[[0, 1, 3]], want, rtol=1e-5)
   # grpo: row 0's missing reward 1 is imputed with the group mean -0.5.
   s = np.array([1.0 - 0.5, -1.0, 0.0])
-  np.testing.assert_allclose(np.asarray(gdpo.compute_advantages(r, 4, mode="grpo"))[[0, 1, 3]],
+  np.testing.assert_allclose(advs(r, 4, mode="grpo")[[0, 1, 3]],
                              _np_group_norm(s, 3), rtol=1e-5)
-  d = gdpo.advantage_diagnostics(r, 4)
+  d = diag(r, 4)
   np.testing.assert_allclose(d["reward_missing"], [5 / 8, 6 / 8])
 
 
 def test_rank_mode():
   # 2 groups x 2 rollouts, 1 reward, 3 ranks; normalised per group and rank.
   r = np.array([[[1.0, 0.0, 0.5]], [[0.0, 0.0, 1.5]], [[2.0, 1.0, 1.0]], [[0.0, 3.0, np.nan]]])
-  adv = np.asarray(gdpo.compute_advantages(r, 2, mode="rank"))
+  adv = advs(r, 2, mode="rank")
   assert adv.shape == (4, 3)
   for g in range(2):
     for k in range(3):
@@ -104,9 +115,9 @@ def test_rank_mode():
         np.testing.assert_allclose(adv[2 * g:2 * g + 2, k], _np_group_norm(col, 2), rtol=1e-5)
   w = np.array([1.0, 2.0])
   r2 = np.concatenate([r, 0.5 * r], 1)  # [4, 2, 3]
-  want = adv + 2 * np.asarray(gdpo.compute_advantages(0.5 * r, 2, mode="rank"))
-  np.testing.assert_allclose(gdpo.compute_advantages(r2, 2, w, "rank"), want, rtol=1e-5)
-  assert "collapse_rank" in gdpo.advantage_diagnostics(r2, 2, w)
+  want = adv + 2 * advs(0.5 * r, 2, mode="rank")
+  np.testing.assert_allclose(advs(r2, 2, w, "rank"), want, rtol=1e-5)
+  assert "collapse_rank" in diag(r2, 2, w)
 
 
 def test_bad_inputs_raise():
