@@ -242,7 +242,7 @@ def test_demo_config_learns_through_the_entry_point(cache, tmp_path):
   val = {r["step"]: r["val/loss"] for r in metrics_log.read_jsonl(work / "metrics.jsonl")
          if "val/loss" in r}
   assert set(val) == {0, 30}
-  assert val[30] < val[0] - 2.0, val            # ~7.3 (uniform over the vocab) -> ~3.3
+  assert val[30] < val[0] - 3.0, val            # ~7.4 (uniform over the vocab) -> ~2.4
 
 
 def test_lora_run_from_hf_dir_saves_adapters_and_loads_merged(cache, tmp_path):
