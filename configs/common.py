@@ -144,7 +144,7 @@ def build(*, stage, model_preset="", model_dir="", data_dir=MINI,
 
   c.gdpo = ml_collections.ConfigDict()
   c.gdpo.init_checkpoint = ""    # Safe-SFT result: orbax run dir / step dir, or HF dir
-  c.gdpo.num_steps = 1000        # optimizer steps
+  c.gdpo.num_steps = 1000        # loop steps: one prompt batch each, mu optimizer updates per step
   c.gdpo.batch_size = 4          # prompts per device per micro-batch
   c.gdpo.grad_accum = 8          # micro-batches per optimizer step
   c.gdpo.group_size = 8          # G rollouts per prompt
