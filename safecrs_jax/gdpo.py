@@ -26,7 +26,6 @@ information. It is left out of every count, mean and std; its normalised value i
 """
 import dataclasses
 import functools
-import json
 import os
 import time
 

@@ -1,6 +1,4 @@
 """Sampler: KV-cache decoding against full-forward decoding, seeds, stops, top-k / top-p."""
-import dataclasses
-
 import numpy as np
 import pytest
 
