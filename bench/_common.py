@@ -27,18 +27,22 @@ def time_fn(fn: Callable[[], object], warmup: int = 2, iters: int = 5,
   """Times fn() (which must finish its work before returning, or return jax arrays).
 
   Runs `warmup` untimed calls (compilation), then `repeats` x `iters` timed calls.
-  Returns {"best_s", "median_s", "mean_s", "times_s", "iters"} per call; use best_s
-  on a shared machine.
+  Returns per-call wall times {"best_s", "median_s", "mean_s", "times_s", "iters"}
+  and the process CPU time of each call ("cpu_times_s", "cpu_best_s": all threads
+  of this process; less sensitive than wall time to other people's load). Use
+  best_s on a shared machine.
   """
   for _ in range(warmup):
     _block(fn())
-  times = []
+  times, cpu = [], []
   for _ in range(repeats * iters):
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     _block(fn())
     times.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
   return {"best_s": min(times), "median_s": statistics.median(times),
-          "mean_s": statistics.fmean(times), "times_s": times, "iters": len(times)}
+          "mean_s": statistics.fmean(times), "times_s": times, "iters": len(times),
+          "cpu_times_s": cpu, "cpu_best_s": min(cpu)}
 
 
 def _cpuinfo() -> tuple[str, set, float | None]:
