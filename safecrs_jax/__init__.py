@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "models", "sharding", "tokens", "saferec", "optim", "checkpoint", "sft",
-    "rollout", "gdpo", "evaluation", "metrics_log", "lora",
+    "rollout", "gdpo", "evaluation", "metrics_log", "lora", "assets", "train_state", "demo",
 )
 
 

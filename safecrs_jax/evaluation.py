@@ -94,36 +94,17 @@ def resolve_targets(checkpoint, steps=None):
 def load_policy(target, config, mesh=None, rules=None):
   """(model_cfg, params, tokenizer_dir) for a target, params placed in their shardings.
 
-  An orbax step restores only the params (and LoRA adapters, merged here);
-  the model config and tokenizer come from its run directory.
+  An orbax step restores only the params (LoRA adapters merged); the model
+  config and tokenizer come from its run directory (checkpoint.load_params).
   """
   over = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+  if config.model.get("scan_layers", None) is not None:
+    over["scan_layers"] = bool(config.model.scan_layers)
   if target.kind == "hf":
     cfg, params = models.load_hf(target.path, mesh=mesh, rules=rules, **over)
     return cfg, params, target.path
-  run = ckpt.run_dir_of(target.path)
-  if run is None:
-    raise ckpt.CheckpointError(
-        f"{target.path}: its run directory has no {ckpt.MODEL_CONFIG}, so the model "
-        "cannot be rebuilt")
-  cfg = models.ModelConfig.from_hf(os.path.join(run, ckpt.MODEL_CONFIG), **over)
-  abstract = models.abstract_params(cfg)
-  if mesh is not None:
-    shardings = models.param_shardings(cfg, mesh, rules)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, shardings)
-  lora_info = ckpt.saved_lora_info(target.path)
-  lora_abs = None
-  if lora_info:
-    from safecrs_jax import lora as lora_lib
-    lora_abs = lora_lib.abstract(abstract, int(lora_info["rank"]), tuple(lora_info["targets"]))
-  items = ckpt.load_state_items(target.path, {"params": abstract, "lora": lora_abs})
-  params = items["params"]
-  if items.get("lora") is not None:
-    from safecrs_jax import lora as lora_lib
-    params = jax.jit(lora_lib.merge, static_argnums=2)(
-        params, items["lora"], lora_lib.scale(float(lora_info["alpha"]), int(lora_info["rank"])))
-  return cfg, params, os.path.join(run, ckpt.TOKENIZER)
+  cfg, params = ckpt.load_params(target.path, mesh, rules, **over)
+  return cfg, params, ckpt.tokenizer_dir(target.path)
 
 
 # --------------------------------------------------------------------------

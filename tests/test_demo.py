@@ -37,10 +37,6 @@ def test_demo_entry_point_smoke(tmp_path):
   assert os.path.getsize(work / "eval" / "models.png") > 1000
   for stage in ("sft", "gdpo", "grpo"):
     assert os.listdir(work / stage / "checkpoints")
-  # Re-running resumes: every stage is found finished, nothing is retrained.
-  proc2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-  assert proc2.returncode == 0, proc2.stderr[-3000:]
-  assert json.load(open(work / "summary.json"))["table"] == summary["table"]
 
 
 @pytest.mark.parametrize("sft_svr,gdpo_svr,sft_rec,gdpo_rec,ok", [
