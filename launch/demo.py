@@ -13,6 +13,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from safecrs_jax import demo
 
@@ -32,6 +33,8 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if "verbosity" not in " ".join(sys.argv):
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save/restore at INFO
   overrides = dict(item.split("=", 1) for item in _SET.value)
   summary = demo.run(_WORKDIR.value, size=_SIZE.value, overrides=overrides,
                      progress=_PROGRESS.value, eval_rows=_EVAL_ROWS.value)
