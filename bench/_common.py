@@ -107,3 +107,11 @@ def train_flops_per_token(cfg, seq_len: int) -> float:
   n_matmul = cfg.num_layers * per_layer + d * v
   attn = 12 * cfg.num_layers * seq_len * qh
   return 6 * n_matmul + attn
+
+
+def llama_25m_config() -> dict:
+  """The ~25M-parameter Llama of the SFT / forward-backward benchmarks (HF config dict)."""
+  from safecrs_jax import models
+  return dict(models.PRESETS["tiny"], hidden_size=512, num_hidden_layers=6,
+              num_attention_heads=8, num_key_value_heads=8, head_dim=64,
+              intermediate_size=1536, vocab_size=8192)

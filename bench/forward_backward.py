@@ -23,13 +23,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from bench._common import cpu_peak_gflops, time_fn, train_flops_per_token  # noqa: E402
+from bench._common import (cpu_peak_gflops, llama_25m_config, time_fn,  # noqa: E402
+                           train_flops_per_token)
 from safecrs_jax import models  # noqa: E402
 
 # name -> (HF config dict, batch, length)
-_25M = dict(models.PRESETS["tiny"], hidden_size=512, num_hidden_layers=6,
-            num_attention_heads=8, num_key_value_heads=8, head_dim=64,
-            intermediate_size=1536, vocab_size=8192)
+_25M = llama_25m_config()
 SIZES = {
     "tiny": (models.PRESETS["tiny"], 8, 256),
     "25m": (_25M, 8, 256),

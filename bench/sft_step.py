@@ -25,14 +25,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench._common import cpu_peak_gflops, time_fn, train_flops_per_token  # noqa: E402
+from bench._common import (cpu_peak_gflops, llama_25m_config, time_fn,  # noqa: E402
+                           train_flops_per_token)
 from configs import common  # noqa: E402
 from safecrs_jax import models, optim, sft  # noqa: E402
 from safecrs_jax import train_state as ts  # noqa: E402
 
-_25M = dict(models.PRESETS["tiny"], hidden_size=512, num_hidden_layers=6,
-            num_attention_heads=8, num_key_value_heads=8, head_dim=64,
-            intermediate_size=1536, vocab_size=8192)
+_25M = llama_25m_config()
 # name -> (HF config dict, batch, length)
 SIZES = {
     "demo": (models.PRESETS["tiny"], 8, 256),   # configs/demo.py's model
