@@ -7,31 +7,13 @@ overridden from the command line (`--config.gdpo.group_size=4`).
 """
 import ml_collections
 
-# Logical parameter/activation axis -> mesh axis. Kept in the config so a pod
-# run can change the layout without touching code.
-# Must use the logical names of safecrs_jax/sharding.py (parameters, then
-# activations, then the KV cache). A name may appear twice: the first rule
-# whose mesh axes are free and divide the dimension wins.
-DEFAULT_RULES = (
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("head_dim", None),
-    ("layers", None),
-    ("norm", None),
-    ("act_batch", ("data", "fsdp")),
-    ("act_length", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
-    ("cache_batch", ("data", "fsdp")),
-    ("cache_length", None),
-    ("cache_kv_heads", "tensor"),
-)
+from safecrs_jax import sharding
+
+# Logical parameter/activation axis -> mesh axis. The library's table (see
+# safecrs_jax/sharding.py for the logical names and how rules are matched) is
+# copied into every config's `mesh.rules`, so a pod run changes the layout by
+# overriding that field, without touching code.
+DEFAULT_RULES = sharding.DEFAULT_RULES
 
 # Sentinels for the shipped default: SafeRec-mini data and the locally trained
 # tokenizer, both built deterministically on first use into a cache folder.
