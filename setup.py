@@ -20,6 +20,9 @@ setup(
         "orbax-checkpoint>=0.6",
         "transformers>=4.45",
         "tokenizers>=0.20",
+        # transformers renders chat templates with jinja2 but does not require it;
+        # tokens.prompt_ids needs it at run time (torch used to bring it in).
+        "jinja2>=3.1",
         "safetensors>=0.4",
         "datasets>=2.20",
         "tensorflow-datasets>=4.9.7",
