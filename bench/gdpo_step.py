@@ -56,7 +56,7 @@ def main(argv=None):
     run = gdpo.Run(c, workdir)
     state, hist = run.state, []
     for step in range(args.steps):
-      state, host, _ = run.step(state, step)
+      state, (host, _) = run.step(state, step, timed=True)
       hist.append(host)
     run.ckpt.close()
   timed = hist[1:] or hist

@@ -3,7 +3,7 @@
 Both do the whole step on the same model config, batch and length, float32,
 CPU, in one process: forward, masked next-token cross-entropy (a random prompt
 prefix of every row carries no loss), backward, global-norm clipping and an
-AdamW update. Ours is `sft.train_step` jitted with donated state, exactly as
+AdamW update. Ours is `steps.sft_train_step` jitted with donated state, exactly as
 the training loop runs it. Prints JSON:
   sizes.<name>: tokens/s and achieved GFLOP/s of both, ratio = ours / PyTorch,
   ratio: the smaller of the per-size ratios; peak_gflops: the machine's float32
@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from bench._common import (cpu_peak_gflops, llama_25m_config, time_fn,  # noqa: E402
                            train_flops_per_token)
 from configs import common  # noqa: E402
-from safecrs_jax import models, optim, sft  # noqa: E402
+from safecrs_jax import models, optim, steps  # noqa: E402
 from safecrs_jax import train_state as ts  # noqa: E402
 
 _25M = llama_25m_config()
@@ -61,7 +61,7 @@ def ours(hf, batch, length, iters, repeats):
   ids, attn, loss = make_batch(cfg.vocab_size, batch, length)
   data = jax.device_put({"input_ids": ids[None], "attention_mask": attn[None],
                          "loss_mask": loss[None]})         # [A=1, B, T]
-  step = jax.jit(functools.partial(sft.train_step, model_cfg=cfg, tx=tx, schedule=sched),
+  step = jax.jit(functools.partial(steps.sft_train_step, model_cfg=cfg, tx=tx, schedule=sched),
                  donate_argnums=0)
   key = jax.random.key(0)
   box = [state]

@@ -9,7 +9,7 @@ dir. LoRA adapters are merged into the weights; the run's tokenizer is copied.
 """
 from absl import app, flags, logging
 
-from safecrs_jax import checkpoint, sharding
+from safecrs_jax import policy, sharding
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "run dir, checkpoints/ dir or step dir")
 _OUT = flags.DEFINE_string("out", None, "output HF directory (config.json, safetensors, tokenizer)")
@@ -24,7 +24,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   sharding.maybe_initialize_distributed()
-  out = checkpoint.export_hf(_CKPT.value, _OUT.value, dtype=_DTYPE.value)
+  out = policy.export_hf(_CKPT.value, _OUT.value, dtype=_DTYPE.value)
   if sharding.is_main_process():
     print(f"exported {_CKPT.value} -> {out}")
 

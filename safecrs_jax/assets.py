@@ -10,10 +10,14 @@ renamed into place, so concurrent or crashed builds never leave half an asset:
 a finished folder is complete by construction. Shared by SFT, GDPO and
 evaluation.
 """
+import glob
 import hashlib
 import os
 import shutil
 import tempfile
+
+from safecrs_jax import saferec, tokens
+from safecrs_jax.saferec import mini
 
 # Bump when the tokenizer recipe changes so old caches are not reused. The
 # SafeRec-mini key is a hash of the saferec sources (see _mini_version), so a
@@ -59,9 +63,6 @@ def build_once(final_dir, build_fn):
 
 def _mini_version():
   """Short hash of every saferec source file (the generator and what it imports)."""
-  import glob
-
-  from safecrs_jax import saferec
   h = hashlib.sha256()
   for path in sorted(glob.glob(os.path.join(os.path.dirname(saferec.__file__), "*.py"))):
     with open(path, "rb") as f:
@@ -71,7 +72,6 @@ def _mini_version():
 
 def mini_dir(seed=0, root=None):
   """SafeRec-mini (released layout) generated with `seed`, built once."""
-  from safecrs_jax.saferec import mini  # imported lazily: only when needed
   root = root or cache_root()
   final = os.path.join(root, f"saferec_mini_{_mini_version()}_seed{int(seed)}")
   return build_once(final, lambda tmp: mini.generate(tmp, seed=int(seed)))
@@ -95,7 +95,6 @@ def _data_key(config, data_dir):
 
 def local_tokenizer_dir(rows_fn, key, vocab_size=DEFAULT_LOCAL_VOCAB, root=None):
   """The locally trained tokenizer for data `key`, built once from rows_fn()."""
-  from safecrs_jax import tokens
   root = root or cache_root()
   final = os.path.join(root, f"tokenizer_{_TOKENIZER_VERSION}_{key}_v{int(vocab_size)}")
   return build_once(final, lambda tmp: tokens.build_local_tokenizer(
@@ -106,7 +105,6 @@ def resolve_tokenizer_path(config, data_dir=None):
   """config.tokenizer.path with "" (model dir) and "local" (demo BPE) resolved."""
   path = config.tokenizer.path
   if path == LOCAL_TOKENIZER:
-    from safecrs_jax import saferec
     data_dir = data_dir or resolve_data_dir(config)
     strict = config.data.get("strict", True)
     return local_tokenizer_dir(

@@ -1,4 +1,4 @@
-"""Orbax checkpoints: save every N steps, keep the last k, resume, load params.
+"""Orbax checkpoints: save every N steps, keep the last k, resume, read saved items.
 
 A run directory is self-describing:
 
@@ -13,16 +13,16 @@ A run directory is self-describing:
 `Checkpointer.restore_latest(abstract_state, fingerprint)` is how a restarted
 command resumes; a checkpoint that cannot be read, or that was written for a
 different model / optimiser / LoRA setting, raises `CheckpointError` naming the
-directory — it never silently starts over.
+directory — it never silently starts over. Loading a whole model from a step
+(config, tokenizer, LoRA merge) is `policy.load_policy`.
 """
 import json
 import os
-import signal
-import threading
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 CHECKPOINTS = "checkpoints"
 MODEL_CONFIG = "model_config.json"
@@ -209,7 +209,15 @@ def _dict_diff(a, b, prefix=""):
 
 
 # --------------------------------------------------------------------------
-# Loading parameters for the next stage (GDPO, evaluation, export).
+# Reading saved steps (policy.load_policy builds on these).
+
+def saved_steps(ckdir):
+  """Sorted steps under a checkpoints directory (entries <step>/ holding state/)."""
+  if not os.path.isdir(ckdir):
+    return []
+  return sorted(int(n) for n in os.listdir(ckdir)
+                if n.isdigit() and os.path.isdir(os.path.join(ckdir, n, "state")))
+
 
 def find_step_dir(path):
   """Step directory for a run dir, its checkpoints/ dir, or a step dir itself."""
@@ -220,8 +228,7 @@ def find_step_dir(path):
       os.path.join(path, CHECKPOINTS)) else path
   if not os.path.isdir(ckdir):
     raise CheckpointError(f"{path} is not a run directory, checkpoints directory or step")
-  steps = sorted(int(n) for n in os.listdir(ckdir) if n.isdigit()
-                 and os.path.isdir(os.path.join(ckdir, n, "state")))
+  steps = saved_steps(ckdir)
   if not steps:
     raise CheckpointError(f"no checkpoint found under {ckdir}")
   return os.path.join(ckdir, str(steps[-1]))
@@ -245,7 +252,6 @@ def load_state_items(path, abstract_items):
   items = {k: v for k, v in abstract_items.items() if v is not None}
   want = _normalise_keys(_tree_signature(items))
   try:
-    from etils import epath
     meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir))
     meta_tree = getattr(meta, "tree", meta)
     have = _normalise_keys(_metadata_signature(meta_tree))
@@ -277,86 +283,6 @@ def saved_lora_info(path):
   return (data.get("fingerprint") or {}).get("lora") or {}
 
 
-# --------------------------------------------------------------------------
-# Preemption: SIGTERM -> final checkpoint.
-
-class PreemptionWatch:
-  """Tells the loop when to write a final checkpoint and stop.
-
-  Single process: a SIGTERM handler sets a flag (installed only from the main
-  thread; the previous handler is restored by `close`). Several processes: all
-  hosts must agree on the step, so jax's preemption sync point is used.
-  """
-
-  def __init__(self):
-    self._flag = threading.Event()
-    self._previous = None
-    self._multi = jax.process_count() > 1
-    if not self._multi and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
-
-  def _on_signal(self, signum, frame):
-    del signum, frame
-    self._flag.set()
-
-  def reached(self, step):
-    if self._multi:
-      from jax.experimental import multihost_utils
-      try:
-        return bool(multihost_utils.reached_preemption_sync_point(step))
-      except RuntimeError:  # preemption service not enabled
-        return False
-    return self._flag.is_set()
-
-  def close(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
-
-
-# --------------------------------------------------------------------------
-# Whole-model loading and export (GDPO, evaluation, launch/export_hf).
-
-def load_params(path, mesh=None, rules=None, *, merge_lora=True, **overrides):
-  """(ModelConfig, params) of the run dir / checkpoints dir / step dir `path`.
-
-  The model config comes from the run's model_config.json (`overrides` set
-  ModelConfig fields such as dtype). With a mesh, params are restored straight
-  into their shardings. A LoRA run's adapters are merged (W + scale·A@B) unless
-  merge_lora=False, in which case (cfg, params, lora, scale) is returned.
-  """
-  from safecrs_jax import lora as lora_lib
-  from safecrs_jax import models
-  from safecrs_jax import train_state as ts
-  step_dir = find_step_dir(path)
-  run_dir = run_dir_of(step_dir)
-  if run_dir is None:
-    raise CheckpointError(f"{step_dir}: no {MODEL_CONFIG} in its run directory; "
-                          "cannot tell which model the checkpoint holds")
-  cfg = models.ModelConfig.from_hf(os.path.join(run_dir, MODEL_CONFIG), **overrides)
-  abstract = {"params": models.abstract_params(cfg), "lora": None}
-  info = saved_lora_info(step_dir)
-  if info:
-    abstract["lora"] = lora_lib.abstract(abstract["params"], info["rank"], info["targets"])
-  if mesh is not None:
-    axes = models.param_logical_axes(cfg)
-    from safecrs_jax import sharding as shd
-    sh = shd.logical_to_sharding(axes, mesh, rules, shapes=abstract["params"])
-    abstract["params"] = ts.with_shardings(abstract["params"], sh)
-    if abstract["lora"] is not None:
-      l_axes = lora_lib.logical_axes(axes, abstract["lora"])
-      l_sh = shd.logical_to_sharding(l_axes, mesh, rules, shapes=abstract["lora"])
-      abstract["lora"] = ts.with_shardings(abstract["lora"], l_sh)
-  out = load_state_items(step_dir, abstract)
-  params, adapters = out["params"], out["lora"]
-  scale = lora_lib.scale(info["alpha"], info["rank"]) if info else None
-  if not merge_lora:
-    return cfg, params, adapters, scale
-  if adapters is not None:
-    params = jax.jit(lora_lib.merge, static_argnums=2)(params, adapters, scale)
-  return cfg, params
-
-
 def tokenizer_dir(path):
   """The tokenizer saved with the run that `path` (run / checkpoints / step dir) belongs to."""
   step_dir = find_step_dir(path)
@@ -365,21 +291,3 @@ def tokenizer_dir(path):
   if run_dir is None or not os.path.isdir(tok):
     raise CheckpointError(f"{step_dir}: no {TOKENIZER}/ directory in its run directory")
   return tok
-
-
-def export_hf(path, out_dir, dtype=None):
-  """Writes the checkpoint at `path` (LoRA merged) as a HF model dir + its tokenizer."""
-  import shutil
-
-  from safecrs_jax import models
-  cfg, params = load_params(path)
-  if dtype:
-    import dataclasses
-    cfg = dataclasses.replace(cfg, param_dtype=dtype)
-    params = jax.tree.map(lambda x: jax.numpy.asarray(x, dtype), params)
-  models.save_hf(cfg, params, out_dir)
-  tok = tokenizer_dir(path)
-  if jax.process_index() == 0:
-    for name in os.listdir(tok):
-      shutil.copy2(os.path.join(tok, name), os.path.join(out_dir, name))
-  return out_dir

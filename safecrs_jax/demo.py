@@ -22,11 +22,18 @@ import os
 import time
 
 import jax
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after selecting the headless backend)
+
+from configs import demo as demo_config  # noqa: E402
 
 from safecrs_jax import assets
 from safecrs_jax import evaluation
 from safecrs_jax import gdpo
 from safecrs_jax import models
+from safecrs_jax import policy
 from safecrs_jax import sft
 from safecrs_jax import tokens
 
@@ -39,7 +46,6 @@ ROWS = ("base", "sft", "gdpo", "grpo")
 
 def get_configs(size="tiny", overrides=None):
   """(sft_config, gdpo_config, grpo_config) of configs/demo.py for `size`."""
-  from configs import demo as demo_config
   out = []
   for stage, mode in (("sft", None), ("gdpo", "gdpo"), ("gdpo", "grpo")):
     c = demo_config.get_config(f"stage={stage},size={size}")
@@ -83,7 +89,7 @@ def export_base(config, out_dir):
     return out_dir
   tok_dir = assets.resolve_tokenizer_path(config)
   tokenizer = tokens.load_tokenizer(tok_dir)
-  cfg = sft.model_config(config, tokenizer)
+  cfg = policy.model_config(config, tokenizer)
   params = models.init_params(cfg, jax.random.key(int(config.seed)))
   tmp = out_dir + ".tmp"
   models.save_hf(cfg, params, tmp)
@@ -187,9 +193,6 @@ def run(workdir, *, size="tiny", overrides=None, progress=True, eval_rows=-1):
 
 def plot_models(table, path):
   """Bar charts of the headline metrics, one bar per model."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   keys = evaluation.HEADLINE
   fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3))
   for ax, k in zip(axes, keys):

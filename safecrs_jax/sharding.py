@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -147,14 +148,81 @@ def logical_to_sharding(logical_axes_tree, mesh: Mesh, rules=None, shapes=None):
       logical_axes_tree, shapes, is_leaf=_is_names)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-  """Sharding of a [B, ...] array: B over (data, fsdp), the rest replicated."""
+def batch_sharding(mesh: Mesh, ndim: int = 2, batch_dim: int = 0) -> NamedSharding:
+  """Sharding of an array whose dimension `batch_dim` holds rows: rows over (data, fsdp).
+
+  [B, ...] batches use batch_dim=0; accumulated [A, B, ...] batches batch_dim=1.
+  """
   axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
-  return NamedSharding(mesh, PartitionSpec(axes, *([None] * (ndim - 1))))
+  spec = [None] * ndim
+  spec[batch_dim] = axes
+  return NamedSharding(mesh, PartitionSpec(*spec))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  """Devices a batch's rows are split over (the data and fsdp axes)."""
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.shape]))
+
+
+def as_tuples(x):
+  """Nested lists (as configs hold them) -> nested tuples (hashable, jit-static)."""
+  if isinstance(x, (list, tuple)):
+    return tuple(as_tuples(v) for v in x)
+  return x
+
+
+def mesh_from_config(config, devices=None):
+  """(mesh, rules) from a run config's `mesh` section (shape, rules, num_devices)."""
+  n = int(config.mesh.get("num_devices", -1))
+  if devices is None and n > 0:
+    if jax.process_count() > 1:
+      raise ValueError("mesh.num_devices only applies to single-process runs")
+    if n > jax.device_count():
+      raise ValueError(f"mesh.num_devices={n} > {jax.device_count()} devices")
+    devices = jax.devices()[:n]
+  mesh = make_mesh(as_tuples(config.mesh.shape), devices=devices)
+  return mesh, as_tuples(config.mesh.rules)
+
+
+# -- host <-> global arrays ---------------------------------------------------
+
+def to_global(x, sharding: NamedSharding, global_shape=None):
+  """numpy -> global jax array in `sharding`.
+
+  Without `global_shape` (or when it equals x.shape), x is the whole array and
+  every process holds the same copy. With a larger `global_shape`, x holds only
+  the rows this process's devices own (see `local_rows`).
+  """
+  x = np.asarray(x)
+  if global_shape is None or tuple(global_shape) == x.shape:
+    if jax.process_count() == 1:
+      return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+  return jax.make_array_from_process_local_data(sharding, x, tuple(global_shape))
+
+
+def to_host(x) -> np.ndarray:
+  """Global jax array -> the whole array as numpy, on every process."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def local_rows(sharding: NamedSharding, global_shape, axis: int) -> tuple[int, int]:
+  """[lo, hi) of `axis` held by this process's devices (must be contiguous)."""
+  idx = sharding.addressable_devices_indices_map(tuple(global_shape))
+  spans = set()
+  for sl in idx.values():
+    s = sl[axis]
+    spans.add((s.start or 0, global_shape[axis] if s.stop is None else s.stop))
+  lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+  if sum(b - a for a, b in spans) != hi - lo:
+    raise ValueError(f"process {jax.process_index()} holds non-contiguous rows {sorted(spans)}")
+  return lo, hi
 
 
 def constrain(x, names: Sequence[str | None], mesh: Mesh | None, rules=None):
@@ -225,32 +293,3 @@ def maybe_initialize_distributed() -> bool:
 
 def is_main_process() -> bool:
   return jax.process_index() == 0
-
-
-def process_slice(global_batch: int) -> slice:
-  """Rows [start, stop) of a global batch that this process loads.
-
-  Processes take equal contiguous blocks in process order, which matches
-  host_local_to_global / batch_sharding on a mesh built by make_mesh.
-  """
-  n, i = jax.process_count(), jax.process_index()
-  if global_batch % n:
-    raise ValueError(f"global batch {global_batch} not divisible by {n} processes")
-  per = global_batch // n
-  return slice(i * per, (i + 1) * per)
-
-
-def host_local_to_global(local_batch, mesh: Mesh, sharding: NamedSharding | None = None):
-  """Tree of this process's [B_local, ...] numpy arrays -> global jax arrays.
-
-  Single process: a plain device_put into batch_sharding. Several processes: each
-  contributes its block (see process_slice) of the global batch.
-  """
-  def one(x):
-    x = np.asarray(x)
-    s = sharding or batch_sharding(mesh, x.ndim)
-    if jax.process_count() == 1:
-      return jax.device_put(x, s)
-    from jax.experimental import multihost_utils
-    return multihost_utils.host_local_array_to_global_array(x, mesh, s.spec)
-  return jax.tree.map(one, local_batch)

@@ -20,6 +20,9 @@ import dataclasses
 import os
 
 import numpy as np
+from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+from tokenizers import models as bpe_models
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 # End-of-turn markers of the chat templates we know, tried in this order.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
@@ -36,7 +39,6 @@ CHATML_TEMPLATE = (
 
 def load_tokenizer(path):
   """Loads the HF tokenizer saved in directory `path` (no network)."""
-  from transformers import AutoTokenizer  # heavy import, kept local
   if not path or not os.path.isdir(path):
     raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
   tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -240,15 +242,12 @@ def build_local_tokenizer(texts, out_dir, vocab_size=2048):
   <|im_start|> (1) and <|im_end|> (2, end of turn). Deterministic for the same
   texts (in the same order) and vocab_size. Returns out_dir.
   """
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-  from transformers import PreTrainedTokenizerFast
-
   specials = [ENDOFTEXT, IM_START, IM_END]
   alphabet = pre_tokenizers.ByteLevel.alphabet()
   if vocab_size < len(alphabet) + len(specials):
     raise ValueError(f"vocab_size {vocab_size} < {len(alphabet) + len(specials)} "
                      "(256 bytes + special tokens)")
-  tok = Tokenizer(models.BPE())
+  tok = Tokenizer(bpe_models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,

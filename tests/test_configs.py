@@ -12,7 +12,7 @@ from jax.sharding import AbstractMesh, AxisType
 from ml_collections import config_flags
 
 from configs import common
-from safecrs_jax import lora, models, optim, sft
+from safecrs_jax import lora, models, optim, policy, sharding
 from safecrs_jax import train_state as ts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +31,7 @@ def test_every_config_loads(name, stage):
   c = mod.get_config(f"stage={stage}")
   assert c.stage == stage
   assert c.model.preset in models.PRESETS
-  cfg = sft.model_config(c)                          # builds a valid ModelConfig
+  cfg = policy.model_config(c)                          # builds a valid ModelConfig
   assert cfg.dtype == c.model.dtype
   assert max(c.tokenizer.buckets) >= c.tokenizer.max_length
   assert max(c.gdpo.prompt_buckets) >= c.gdpo.max_prompt_length
@@ -85,14 +85,14 @@ def test_command_line_overrides_are_checked():
 def test_8b_training_state_fits_the_sharding_rules(mesh_shape):
   """Abstract 8B params + AdamW state on an abstract mesh: no compute, no memory."""
   c = importlib.import_module("configs.llama31").get_config()
-  cfg = sft.model_config(c)
+  cfg = policy.model_config(c)
   assert 7.9e9 < models.count_params(cfg) < 8.1e9
   tx, _ = optim.make_optimizer(c.optim, 1000)
   zeros = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),  # noqa: E731
                                models.abstract_params(cfg))
   abstract = jax.eval_shape(lambda: ts.create(zeros(), tx))
   mesh = AbstractMesh(mesh_shape, ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
-  sh = ts.shardings(abstract, models.param_logical_axes(cfg), mesh, sft._tupleize(c.mesh.rules))
+  sh = ts.shardings(abstract, models.param_logical_axes(cfg), mesh, sharding.as_tuples(c.mesh.rules))
   n_model = mesh_shape[1] * mesh_shape[2]            # params are replicated over "data"
   total = per_device = 0
   for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(sh)):
@@ -114,7 +114,7 @@ def test_8b_training_state_fits_the_sharding_rules(mesh_shape):
   abstract_l = jax.eval_shape(lambda: ts.create(
       zeros(), tx, lora.init(zeros(), 16, targets, jax.random.key(0))))
   sh_l = ts.shardings(abstract_l, models.param_logical_axes(cfg), mesh,
-                      sft._tupleize(c.mesh.rules))
+                      sharding.as_tuples(c.mesh.rules))
   n_adapter = lora.num_params(abstract_l.lora)
   assert 30e6 < n_adapter < 50e6                      # 8B, rank 16, 7 targets: ~42M
   assert sum(x.size for x in jax.tree.leaves(abstract_l.opt_state)) <= 2 * n_adapter + 8

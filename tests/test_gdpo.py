@@ -5,12 +5,12 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from safecrs_jax import gdpo
+from safecrs_jax import advantages, policy_loss, rank_items, steps
 
-E = gdpo.ADV_EPS
+E = advantages.ADV_EPS
 # Jitted once per shape: far fewer compilations than op-by-op eager dispatch.
-_adv = jax.jit(gdpo.compute_advantages, static_argnums=(1, 3))
-_diag = jax.jit(gdpo.advantage_diagnostics, static_argnums=1)
+_adv = jax.jit(advantages.compute_advantages, static_argnums=(1, 3))
+_diag = jax.jit(advantages.advantage_diagnostics, static_argnums=1)
 
 
 def advs(rewards, group_size, weights=None, mode="gdpo"):
@@ -122,11 +122,11 @@ def test_rank_mode():
 
 def test_bad_inputs_raise():
   with pytest.raises(ValueError, match="multiple of group_size"):
-    gdpo.compute_advantages(np.zeros((5, 2)), 2)
+    advantages.compute_advantages(np.zeros((5, 2)), 2)
   with pytest.raises(ValueError, match="one per reward"):
-    gdpo.compute_advantages(np.zeros((4, 2)), 2, weights=[1.0])
+    advantages.compute_advantages(np.zeros((4, 2)), 2, weights=[1.0])
   with pytest.raises(ValueError, match="rank"):
-    gdpo.compute_advantages(np.zeros((4, 2)), 2, mode="rank")
+    advantages.compute_advantages(np.zeros((4, 2)), 2, mode="rank")
 
 
 # ----------------------------------------------------------------------------- loss
@@ -159,12 +159,12 @@ def _fixed_batch(seed=0, n=4, t=6):
   return logp, old, ref, adv, mask
 
 
-@pytest.mark.parametrize("level", gdpo.IS_LEVELS)
-@pytest.mark.parametrize("agg", gdpo.LOSS_AGGS)
+@pytest.mark.parametrize("level", policy_loss.IS_LEVELS)
+@pytest.mark.parametrize("agg", policy_loss.LOSS_AGGS)
 def test_loss_matches_numpy(level, agg):
   logp, old, ref, adv, mask = _fixed_batch()
-  cfg = gdpo.LossConfig(beta=0.04, eps_low=0.1, eps_high=0.25, importance_sampling=level, loss_agg=agg)
-  f = lambda *a: gdpo.policy_loss(*a, cfg)[0]
+  cfg = policy_loss.LossConfig(beta=0.04, eps_low=0.1, eps_high=0.25, importance_sampling=level, loss_agg=agg)
+  f = lambda *a: policy_loss.policy_loss(*a, cfg)[0]
   got = f(*(jnp.asarray(x, jnp.float32) for x in (logp, old, ref, adv, mask)))
   want = _np_loss(logp, old, ref, adv, mask, 0.04, 0.1, 0.25, level, agg)
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
@@ -174,9 +174,9 @@ def test_micro_batch_shares_sum_to_step_loss():
   logp, old, ref, _, mask = _fixed_batch(1, n=6, t=5)
   adv = np.random.default_rng(2).normal(size=(6, 5))  # per-token (rank mode)
   args = [jnp.asarray(x, jnp.float32) for x in (logp, old, ref, adv, mask)]
-  for agg in gdpo.LOSS_AGGS:
-    cfg = gdpo.LossConfig(loss_agg=agg, importance_sampling="token")
-    shares = [gdpo.micro_batch_loss(*(a[i:i + 2] for a in args), cfg, total_tokens=mask.sum(),
+  for agg in policy_loss.LOSS_AGGS:
+    cfg = policy_loss.LossConfig(loss_agg=agg, importance_sampling="token")
+    shares = [policy_loss.micro_batch_loss(*(a[i:i + 2] for a in args), cfg, total_tokens=mask.sum(),
                                     total_seqs=6, num_micro=3)[0] for i in (0, 2, 4)]
     if agg == "bnpo":
       want = np.mean([_np_loss(logp[i:i + 2], old[i:i + 2], ref[i:i + 2], adv[i:i + 2], mask[i:i + 2],
@@ -188,8 +188,8 @@ def test_micro_batch_shares_sum_to_step_loss():
 
 def test_zero_advantage_zero_gradient():
   logp, old, _, _, mask = _fixed_batch(3)
-  cfg = gdpo.LossConfig(beta=0.0)
-  g = jax.grad(lambda lp: gdpo.policy_loss(lp, jnp.asarray(old, jnp.float32), None,
+  cfg = policy_loss.LossConfig(beta=0.0)
+  g = jax.grad(lambda lp: policy_loss.policy_loss(lp, jnp.asarray(old, jnp.float32), None,
                                           jnp.zeros(4), jnp.asarray(mask), cfg)[0])(jnp.asarray(logp, jnp.float32))
   np.testing.assert_array_equal(np.asarray(g), 0.0)
 
@@ -200,16 +200,16 @@ def test_clip_fractions():
   adv = np.array([1.0, -1.0])
   mask = np.array([[1, 1, 1, 1], [1, 1, 1, 0]], np.float32)
   old = np.full_like(lr, -1.0)
-  cfg = gdpo.LossConfig(beta=0.0, importance_sampling="token")
-  _, m = gdpo.policy_loss(jnp.asarray(old + lr, jnp.float32), jnp.asarray(old, jnp.float32), None,
+  cfg = policy_loss.LossConfig(beta=0.0, importance_sampling="token")
+  _, m = policy_loss.policy_loss(jnp.asarray(old + lr, jnp.float32), jnp.asarray(old, jnp.float32), None,
                           jnp.asarray(adv, jnp.float32), jnp.asarray(mask), cfg)
   # high: ratio > 1.2 with A > 0 -> row 0 tokens 0 and 3; low: ratio < .8 with A < 0 -> row 1 token 1.
   assert float(m["clip_high"]) == pytest.approx(2 / 7)
   assert float(m["clip_low"]) == pytest.approx(1 / 7)
   assert float(m["kl"]) == 0.0
   # sequence level: row 0 mean log-ratio .125 (ratio 1.13, unclipped), row 1 0.0.
-  _, m = gdpo.policy_loss(jnp.asarray(old + lr, jnp.float32), jnp.asarray(old, jnp.float32), None,
-                          jnp.asarray(adv, jnp.float32), jnp.asarray(mask), gdpo.LossConfig(beta=0.0))
+  _, m = policy_loss.policy_loss(jnp.asarray(old + lr, jnp.float32), jnp.asarray(old, jnp.float32), None,
+                          jnp.asarray(adv, jnp.float32), jnp.asarray(mask), policy_loss.LossConfig(beta=0.0))
   assert float(m["clip_high"]) == 0.0 and float(m["clip_low"]) == 0.0
 
 
@@ -220,17 +220,17 @@ def test_item_index_and_token_advantages():
   # "A\nB\nC<stop>" -> items 0 (A + \n), 1 (B + \n), 2 (C); the stop token none.
   toks = np.array([[5, nl, 6, nl, 7, stop, 0], [5, 6, nl, 7, nl, 8, 9]])
   mask = np.array([[1, 1, 1, 1, 1, 1, 0], [1] * 7])
-  got = gdpo.item_index(toks, mask, [nl], [stop], rec_num=2)
+  got = rank_items.item_index(toks, mask, [nl], [stop], rec_num=2)
   np.testing.assert_array_equal(got, [[0, 0, 1, 1, -1, -1, -1], [0, 0, 0, 1, 1, -1, -1]])
   adv = np.array([[1.0, -2.0], [3.0, 4.0]])
-  np.testing.assert_array_equal(gdpo.token_advantages(adv, got),
+  np.testing.assert_array_equal(rank_items.token_advantages(adv, got),
                                 [[1, 1, -2, -2, 0, 0, 0], [3, 3, 3, 4, 4, 0, 0]])
   # Parse-aware: tags and reasoning lines are not items.
   words = {20: "<reasoning>", 21: "skip Alien", 22: "</reasoning>", 23: "<solution>",
            24: "Heat (1995)", 25: "Up (2009)", 26: "</solution>", nl: "\n", stop: ""}
   decode = lambda ids: "".join(words[i] for i in ids)
   toks = np.array([[20, 21, 22, nl, 23, nl, 24, nl, 25, nl, 26, stop]])
-  got = gdpo.item_index(toks, np.ones_like(toks), [nl], [stop], rec_num=20, decode=decode)
+  got = rank_items.item_index(toks, np.ones_like(toks), [nl], [stop], rec_num=20, decode=decode)
   np.testing.assert_array_equal(got, [[-1, -1, -1, -1, -1, -1, 0, 0, 1, 1, -1, -1]])
 
 
@@ -256,7 +256,7 @@ def _step_inputs(m=2, n=8, p=4, t=5):
   batch = {"prompt_ids": pi, "prompt_mask": pm, "completion_ids": ci, "completion_mask": cm,
            "old_logp": np.asarray(old) + rng.normal(scale=0.05, size=(m, n, t)).astype(np.float32) * cm,
            "advantages": rng.normal(size=(m, n)).astype(np.float32)}
-  return cfg, params, tx, sched, ts.create(params, tx), batch
+  return cfg, params, tx, sched, ts.create(params, tx), steps.RolloutBatch(**batch)
 
 
 def test_sharded_step_equals_single_device():
@@ -266,8 +266,8 @@ def test_sharded_step_equals_single_device():
   from safecrs_jax import sharding as shd
   from safecrs_jax import train_state as ts
   cfg, params, tx, sched, state, batch = _step_inputs()
-  lcfg = gdpo.LossConfig(beta=0.1)
-  step = functools.partial(gdpo.train_step, model_cfg=cfg, loss_cfg=lcfg, tx=tx, schedule=sched,
+  lcfg = policy_loss.LossConfig(beta=0.1)
+  step = functools.partial(steps.gdpo_train_step, model_cfg=cfg, loss_cfg=lcfg, tx=tx, schedule=sched,
                            temperature=0.8)
   ref = jax.tree.map(lambda x: x * 1.01, params)
   s1, m1 = jax.jit(step)(state, ref, batch)
@@ -276,8 +276,8 @@ def test_sharded_step_equals_single_device():
   mesh = shd.make_mesh((("data", 2), ("fsdp", 4), ("tensor", 1)), devices=jax.devices())
   st_sh = ts.shardings(jax.eval_shape(lambda: state), models.param_logical_axes(cfg), mesh)
   p_sh = st_sh.params
-  b_sh = {k: NamedSharding(mesh, PartitionSpec(None, shd.BATCH_AXES, *([None] * (np.ndim(v) - 2))))
-          for k, v in batch.items()}
+  b_sh = jax.tree.map(lambda v: NamedSharding(
+      mesh, PartitionSpec(None, shd.BATCH_AXES, *([None] * (np.ndim(v) - 2)))), batch)
   repl = NamedSharding(mesh, PartitionSpec())
   sharded = jax.jit(functools.partial(step, mesh=mesh), in_shardings=(st_sh, p_sh, b_sh),
                     out_shardings=(st_sh, repl))

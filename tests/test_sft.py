@@ -16,7 +16,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import common, demo
-from safecrs_jax import assets, checkpoint, lora, metrics_log, models, optim, sft, tokens
+from safecrs_jax import assets, checkpoint, lora, metrics_log, models, optim, policy, sft, tokens
+from safecrs_jax import steps as train_steps
 from safecrs_jax import sharding as shd
 from safecrs_jax import train_state as ts
 
@@ -44,6 +45,10 @@ def _batch(a, m, t, seed=0):
   return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
 
 
+def _tb(batch):
+  return train_steps.TokenBatch(**batch)
+
+
 def _run_steps(mesh, batch, steps=2, rank=0, sgd=False, cfg=CFG):
   tx, sched = _optim()
   if sgd:  # linear in the gradient: Adam's first step (~sign(g)) amplifies float noise
@@ -55,10 +60,10 @@ def _run_steps(mesh, batch, steps=2, rank=0, sgd=False, cfg=CFG):
   state = jax.device_put(state, sh)
   bs = NamedSharding(mesh, P(None, shd.BATCH_AXES, None))
   rep = NamedSharding(mesh, P())
-  step = jax.jit(functools.partial(sft.train_step, model_cfg=cfg, tx=tx, schedule=sched,
+  step = jax.jit(functools.partial(train_steps.sft_train_step, model_cfg=cfg, tx=tx, schedule=sched,
                                    lora_scale=2.0 if rank else None, mesh=mesh),
                  in_shardings=(sh, bs, rep), out_shardings=(sh, rep), donate_argnums=0)
-  batch = jax.device_put(batch, bs)
+  batch = jax.device_put(_tb(batch), bs)
   metrics = []
   for _ in range(steps):
     state, m = step(state, batch, jax.random.key(2))
@@ -67,8 +72,7 @@ def _run_steps(mesh, batch, steps=2, rank=0, sgd=False, cfg=CFG):
 
 
 def _one_device():
-  return sft.auto_mesh(shd.make_mesh((("data", 1), ("fsdp", 1), ("tensor", 1)),
-                                     devices=jax.devices()[:1]))
+  return shd.make_mesh((("data", 1), ("fsdp", 1), ("tensor", 1)), devices=jax.devices()[:1])
 
 
 def _close(a, b, atol):
@@ -79,17 +83,17 @@ def _close(a, b, atol):
 def test_shifted_nll_counts_only_target_tokens():
   logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]]))
   ids = jnp.array([[0, 1, 2]])
-  s, n = sft.shifted_nll(logits, ids, jnp.array([[0, 0, 1]]))   # only token 2 is a target
+  s, n = train_steps.shifted_nll(logits, ids, jnp.array([[0, 0, 1]]))   # only token 2 is a target
   assert float(n) == 1.0
   np.testing.assert_allclose(float(s), -np.log(0.1), rtol=1e-6)  # predicted at position 1
-  s2, n2 = sft.shifted_nll(logits, ids, jnp.array([[1, 1, 1]]))  # token 0 is never a target
+  s2, n2 = train_steps.shifted_nll(logits, ids, jnp.array([[1, 1, 1]]))  # token 0 is never a target
   assert float(n2) == 2.0
   np.testing.assert_allclose(float(s2), -np.log(0.25) - np.log(0.1), rtol=1e-6)
 
 
 def test_sharded_step_matches_single_device():
   batch = _batch(2, 8, 24)
-  mesh8 = sft.auto_mesh(shd.make_mesh((("data", 2), ("fsdp", 2), ("tensor", 2))))
+  mesh8 = shd.make_mesh((("data", 2), ("fsdp", 2), ("tensor", 2)))
   s1, m1 = _run_steps(_one_device(), batch)
   s8, m8 = _run_steps(mesh8, batch)
   for a, b in zip(m1, m8):
@@ -122,7 +126,7 @@ def test_bf16_compute_keeps_float32_master_weights():
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(s16.params))
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(s16.opt_state) if x.ndim)
   p0 = models.init_params(CFG, jax.random.key(0))
-  s32, n32 = sft.batch_nll(p0, None, {k: v[0] for k, v in batch.items()}, model_cfg=CFG)
+  s32, n32 = train_steps.batch_nll(p0, None, _tb({k: v[0] for k, v in batch.items()}), model_cfg=CFG)
   assert m16[0]["loss_tokens"] == n32
   np.testing.assert_allclose(m16[0]["loss"], s32 / n32, rtol=2e-2)   # same loss, bf16 math
   assert np.isfinite(m16[0]["grad_norm"]) and m16[0]["grad_norm"] > 0
@@ -138,10 +142,10 @@ def test_lora_trains_only_adapters_and_merge_matches():
   assert np.abs(b).max() > 0                                     # adapters moved from B = 0
   assert metrics[1]["loss"] < metrics[0]["loss"]
   assert set(state.lora["layers"]["self_attn"]) == {"q_proj", "v_proj"}
-  mb = {k: v[0] for k, v in batch.items()}
-  with_adapters = sft.eval_step(state, mb, model_cfg=CFG, lora_scale=2.0)
+  mb = _tb({k: v[0] for k, v in batch.items()})
+  with_adapters = train_steps.sft_eval_step(state, mb, model_cfg=CFG, lora_scale=2.0)
   merged = lora.merge(state.params, state.lora, 2.0)
-  plain = sft.eval_step(ts.TrainState(state.step, merged, None, None), mb, model_cfg=CFG)
+  plain = train_steps.sft_eval_step(ts.TrainState(state.step, merged, None, None), mb, model_cfg=CFG)
   np.testing.assert_allclose(with_adapters[0], plain[0], rtol=1e-6)
 
 
@@ -199,7 +203,7 @@ def test_kill_and_resume_continues_the_same_trajectory(cache, tmp_path):
   recs = metrics_log.read_jsonl(run_dir / "metrics.jsonl")
   assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
           "train/step_time_s"} <= set(recs[1]) and recs[0]["step"] == 0
-  cfg, params = checkpoint.load_params(str(run_dir))
+  cfg, params = policy.load_params(str(run_dir))
   jax.tree.map(np.testing.assert_array_equal, params,
                jax.device_get(full["run"].state.params))
   out = str(tmp_path / "hf")                          # through the real entry point
@@ -249,7 +253,7 @@ def test_lora_run_from_hf_dir_saves_adapters_and_loads_merged(cache, tmp_path):
   """Starts from models.load_hf (model_dir + its tokenizer), trains LoRA, loads merged."""
   c = _config(cache, num_steps=2, eval_every=0)
   tok_dir = assets.resolve_tokenizer_path(c)
-  base_cfg = sft.model_config(c, tokens.load_tokenizer(tok_dir))
+  base_cfg = policy.model_config(c, tokens.load_tokenizer(tok_dir))
   hf = str(tmp_path / "base_hf")
   models.save_hf(base_cfg, models.init_params(base_cfg, jax.random.key(7)), hf)
   tokens.load_tokenizer(tok_dir).save_pretrained(hf)
@@ -261,9 +265,9 @@ def test_lora_run_from_hf_dir_saves_adapters_and_loads_merged(cache, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, state.params, jax.device_get(base))  # frozen
   assert set(state.lora["layers"]["self_attn"]) == {"q_proj"}
   assert checkpoint.saved_lora_info(str(tmp_path / "lora"))["rank"] == 4
-  _, merged = checkpoint.load_params(str(tmp_path / "lora"))
+  _, merged = policy.load_params(str(tmp_path / "lora"))
   want = lora.merge(state.params, state.lora, 16.0 / 4)
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6), merged, want)
-  _, base2, adapters, scale = checkpoint.load_params(str(tmp_path / "lora"), merge_lora=False)
+  _, base2, adapters, scale = policy.load_params(str(tmp_path / "lora"), merge_lora=False)
   assert scale == 4.0
   jax.tree.map(np.testing.assert_array_equal, base2, state.params)

@@ -121,8 +121,10 @@ def test_single_process_helpers(monkeypatch):
   monkeypatch.setenv("SLURM_NTASKS", "1")   # one task: still single-process
   assert sharding.maybe_initialize_distributed() is False
   assert sharding.is_main_process()
-  assert sharding.process_slice(8) == slice(0, 8)
   mesh = _mesh((2, 2, 2))
-  arr = sharding.host_local_to_global({"x": np.arange(16).reshape(8, 2)}, mesh)["x"]
+  bs = sharding.batch_sharding(mesh)
+  assert sharding.local_rows(bs, (8, 2), 0) == (0, 8)
+  arr = sharding.to_global(np.arange(16).reshape(8, 2), bs)
   assert arr.sharding.spec == P(("data", "fsdp"), None)
   np.testing.assert_array_equal(np.asarray(arr), np.arange(16).reshape(8, 2))
+  np.testing.assert_array_equal(sharding.to_host(arr), np.arange(16).reshape(8, 2))

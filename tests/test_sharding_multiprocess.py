@@ -30,9 +30,10 @@ cfg, params = models.load_hf(ckpt, mesh=mesh)
 q = params["layers"]["self_attn"]["q_proj"]["kernel"]
 local = [s.data.shape for s in q.addressable_shards]
 batch = np.load(ids_path)
-rows = sharding.process_slice(batch["ids"].shape[0])
-ids = sharding.host_local_to_global(batch["ids"][rows], mesh)
-mask = sharding.host_local_to_global(batch["mask"][rows], mesh)
+bs = sharding.batch_sharding(mesh)
+lo, hi = sharding.local_rows(bs, batch["ids"].shape, 0)
+ids = sharding.to_global(batch["ids"][lo:hi], bs, batch["ids"].shape)
+mask = sharding.to_global(batch["mask"][lo:hi], bs, batch["mask"].shape)
 logits = models.forward(cfg, params, ids, mask)
 logits = multihost_utils.process_allgather(logits, tiled=True)
 models.save_hf(cfg, params, out_dir)

@@ -33,10 +33,15 @@ from safecrs_jax.saferec.parsing import (
     parse_recommendations,
 )
 from safecrs_jax.saferec.rewards import (
+    RANK_REWARDS,
+    SEQUENCE_REWARDS,
+    RewardSettings,
     compute_rewards,
     count_reward,
     rank_rewards,
+    register_reward,
     relevance_reward,
+    reward_table,
     safety_reward,
     violation_matrix,
 )

@@ -21,6 +21,7 @@ title, year +-2, each ground-truth entry matched once, seen titles kept.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -105,15 +106,69 @@ def compute_rewards(completions, rows: Sequence[dict], oracle, names=("relevance
                     relevance_dcg: bool = False) -> dict[str, np.ndarray]:
   """Several sequence rewards over one parse: {name: [N] float32} for names in
   relevance / safety / count. `rows[n]` gives ground truth and constraints of completion n."""
+  settings = RewardSettings(rec_num=rec_num, lambda_safe=lambda_safe, penalty_safe=penalty_safe,
+                            target_count=target_count, lambda_count=lambda_count,
+                            relevance="dcg" if relevance_dcg else "hit")
+  table = reward_table(tuple(names), completions, rows, oracle, settings)
+  return {name: table[:, i] for i, name in enumerate(names)}
+
+
+# -- the registry: reward functions looked up by name ---------------------------
+#
+# Safe-GDPO's `gdpo.rewards` names entries here. A sequence reward maps
+# (parsed lists, rows, oracle, RewardSettings) -> [N] float32; a per-rank reward
+# (advantage mode "rank") -> [N, R] float32. `register_reward` adds one.
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSettings:
+  """The knobs of the registered rewards (the gdpo section of a run config)."""
+  rec_num: int = 20              # ranks scored
+  lambda_safe: float = 1.0       # safety reward scale
+  penalty_safe: float = 1.0      # per-violation penalty
+  target_count: int = 10         # count reward target
+  lambda_count: float = 0.0      # count reward scale
+  relevance: str = "hit"         # "hit" (released trainer) | "dcg"
+  rank_reward: str = "log_decay"  # per-rank form: "exp_inf" | "log_decay"
+
+
+def _relevance(parsed, rows, oracle, s):
+  return relevance_reward(parsed, rows, s.rec_num, dcg=(s.relevance == "dcg"))
+
+
+def _safety(parsed, rows, oracle, s):
+  return safety_reward(parsed, rows, oracle, s.rec_num, s.lambda_safe, s.penalty_safe)
+
+
+def _count(parsed, rows, oracle, s):
+  return count_reward(parsed, s.target_count, s.lambda_count)
+
+
+def _rank_part(part):
+  def fn(parsed, rows, oracle, s):
+    return rank_rewards(parsed, rows, rows, oracle, mode=s.rank_reward, rec_num=s.rec_num,
+                        lambda_safe=s.lambda_safe, penalty_safe=s.penalty_safe,
+                        components=True)[part]
+  return fn
+
+
+SEQUENCE_REWARDS = {"relevance": _relevance, "safety": _safety, "count": _count}
+RANK_REWARDS = {"relevance": _rank_part("relevance"), "safety": _rank_part("safety")}
+
+
+def register_reward(name, fn, *, per_rank=False):
+  """Adds reward `name` (see the registry comment) for sequence or per-rank advantages."""
+  (RANK_REWARDS if per_rank else SEQUENCE_REWARDS)[name] = fn
+
+
+def reward_table(names, completions, rows, oracle, settings=RewardSettings(), *,
+                 per_rank=False) -> np.ndarray:
+  """Rewards `names` over one parse: [N, len(names)] float32 ([N, len(names), rec_num] per rank)."""
+  table = RANK_REWARDS if per_rank else SEQUENCE_REWARDS
+  unknown = [n for n in names if n not in table]
+  if unknown:
+    kind = "per-rank" if per_rank else "sequence"
+    raise ValueError(f"unknown {kind} reward(s) {unknown}: registered {sorted(table)}")
   parsed = parse_all(completions)
-  out = {}
-  for name in names:
-    if name == "relevance":
-      out[name] = relevance_reward(parsed, rows, rec_num, dcg=relevance_dcg)
-    elif name == "safety":
-      out[name] = safety_reward(parsed, rows, oracle, rec_num, lambda_safe, penalty_safe)
-    elif name == "count":
-      out[name] = count_reward(parsed, target_count, lambda_count)
-    else:
-      raise ValueError(f"unknown reward {name!r}: expected relevance, safety or count")
-  return out
+  return np.stack([np.asarray(table[n](parsed, rows, oracle, settings), np.float32)
+                   for n in names], axis=1)

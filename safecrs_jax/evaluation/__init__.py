@@ -1,0 +1,33 @@
+"""Evaluation: greedy generations for a split, SafeRec metrics, reports, plots.
+
+    reports = evaluation.evaluate(config, checkpoint, split="test", workdir=out)
+
+  runner.py    which checkpoints a path names; one report per checkpoint
+  generate.py  resumable generation (raw_generations.jsonl)
+  report.py    scoring, report.json, metrics.csv, plots, comparison tables
+"""
+from safecrs_jax.evaluation.generate import generate_texts, unique_prompts
+from safecrs_jax.evaluation.report import (
+    HEADLINE,
+    comparison_table,
+    dataset_fingerprint,
+    plot_metrics,
+    score,
+    write_run_summary,
+)
+from safecrs_jax.evaluation.runner import (
+    GENERATIONS,
+    RAW,
+    REPORT,
+    Target,
+    evaluate,
+    evaluate_target,
+    load_eval_data,
+    resolve_targets,
+)
+
+__all__ = [
+    "GENERATIONS", "HEADLINE", "RAW", "REPORT", "Target", "comparison_table",
+    "dataset_fingerprint", "evaluate", "evaluate_target", "generate_texts", "load_eval_data",
+    "plot_metrics", "resolve_targets", "score", "unique_prompts", "write_run_summary",
+]

@@ -1,0 +1,164 @@
+"""Evaluating checkpoints: which ones a path names, and one report per checkpoint.
+
+    reports = evaluate(config, checkpoint, split="test", workdir=out)
+
+`checkpoint` is any path policy.checkpoint_kind accepts: a Hugging Face
+directory, one orbax step directory, or a run directory (every saved step,
+or only `steps` when given). For each checkpoint the output folder
+`<workdir>/<split>/<name>/` holds
+  raw_generations.jsonl  one line per distinct prompt (evaluation/generate.py;
+                         an interrupted evaluation resumes from it)
+  generations.jsonl      one line per row: prompt id, raw text, parsed list,
+                         per-item violation / hit / unknown flags
+  report.json            metrics (overall, per trait), config, checkpoint id,
+                         dataset fingerprint, generation settings
+and for several steps of one run, `<workdir>/<split>/` also gets metrics.csv,
+plots/<metric>.png (metric against step) and comparison.md. Generation is
+greedy, as in the paper; identical prompts are generated once.
+"""
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from safecrs_jax import assets, checkpoint, policy, rollout, saferec, tokens
+from safecrs_jax import sharding as shd
+from safecrs_jax.evaluation import generate as gen
+from safecrs_jax.evaluation import report as rep
+
+RAW = "raw_generations.jsonl"
+GENERATIONS = "generations.jsonl"
+REPORT = "report.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """One checkpoint to evaluate."""
+  name: str            # folder name of its outputs: "step_<n>" or the HF dir's name
+  path: str            # orbax step dir or HF dir
+  kind: str            # "orbax" | "hf"
+  step: int = -1       # training step (orbax), -1 for an HF dir
+
+
+def resolve_targets(path, steps=None):
+  """The checkpoints named by `path` (module docstring), oldest first."""
+  full = os.path.abspath(path)
+  kind = policy.checkpoint_kind(full)
+  if kind == "hf":
+    if steps:
+      raise ValueError(f"{path} is a Hugging Face directory: it has no steps to choose")
+    return [Target(os.path.basename(full.rstrip("/")) or "hf", full, "hf")]
+  if kind == "step":
+    step = int(os.path.basename(full)) if os.path.basename(full).isdigit() else -1
+    return [Target(f"step_{step}", full, "orbax", step)]
+  ckdir = os.path.join(full, checkpoint.CHECKPOINTS)
+  ckdir = ckdir if os.path.isdir(ckdir) else full
+  saved = checkpoint.saved_steps(ckdir)
+  if steps:
+    want = sorted({int(s) for s in steps})
+    missing = sorted(set(want) - set(saved))
+    if missing:
+      raise FileNotFoundError(f"steps {missing} not saved under {ckdir} (saved: {saved})")
+    saved = want
+  return [Target(f"step_{s}", os.path.join(ckdir, str(s)), "orbax", s) for s in saved]
+
+
+def _sampling(config, tokenizer):
+  ev = config.eval
+  return rollout.SamplingConfig(
+      max_new_tokens=int(ev.max_new_tokens), greedy=True,
+      stop_ids=tuple(tokens.stop_token_ids(tokenizer)), pad_id=tokens.pad_id(tokenizer))
+
+
+def _generation_stats(done, num_prompts, t0):
+  return {
+      "distinct_prompts": num_prompts,
+      "truncated_completions": int(sum(not done[i]["stopped"] for i in range(num_prompts))),
+      "mean_completion_tokens": float(np.mean([done[i]["num_tokens"]
+                                               for i in range(num_prompts)])),
+      "seconds": round(time.time() - t0, 3),
+  }
+
+
+def _write_outputs(out_dir, recs, row_to_prompt, done, report):
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(out_dir, GENERATIONS), "w", encoding="utf-8") as f:
+    for rec in recs:
+      pid = row_to_prompt[rec["row"]]
+      f.write(json.dumps(dict(rec, prompt_id=pid, text=done[pid]["text"]),
+                         ensure_ascii=False) + "\n")
+  rep.write_json(os.path.join(out_dir, REPORT), report)
+
+
+def evaluate_target(config, target, rows, oracle, catalog, out_dir, *, mesh=None, rules=None,
+                    progress=True, max_batches=None):
+  """Generates, scores and writes the outputs of one checkpoint; returns its report."""
+  pol = policy.load_policy(config, target.path, mesh, rules)
+  ev = config.eval
+  dp = 1 if mesh is None else shd.data_parallel_size(mesh)
+  batch_size = -(-int(ev.batch_size) // dp) * dp
+  sampling = _sampling(config, pol.tokenizer)
+  prompts, row_to_prompt = gen.unique_prompts(rows)
+  t0 = time.time()
+  done = gen.generate_texts(
+      pol.model_cfg, pol.params, pol.tokenizer, prompts, sampling=sampling,
+      batch_size=batch_size, max_prompt_length=int(ev.max_prompt_length),
+      buckets=tuple(ev.prompt_buckets), raw_path=os.path.join(out_dir, RAW), mesh=mesh,
+      rules=rules, progress=progress, desc=f"eval {target.name}", max_batches=max_batches)
+  if len(done) < len(prompts):
+    return None  # interrupted on purpose (max_batches)
+  texts = [done[row_to_prompt[n]]["text"] for n in range(len(rows))]
+  metrics, recs = rep.score(texts, rows, oracle, catalog, tuple(ev.ks))
+  report = {
+      "checkpoint": {"name": target.name, "path": target.path, "kind": target.kind,
+                     "step": target.step},
+      "split": ev.split,
+      "dataset_fingerprint": rep.dataset_fingerprint(rows),
+      "metrics": metrics,
+      "generation": _generation_stats(done, len(prompts), t0),
+      "sampling": dataclasses.asdict(sampling),
+      "config": json.loads(config.to_json_best_effort()),
+  }
+  _write_outputs(out_dir, recs, row_to_prompt, done, report)
+  return report
+
+
+def load_eval_data(config, split=None):
+  """(rows, oracle, catalog) of the configured data for `split`."""
+  data_dir = assets.resolve_data_dir(config)
+  split = split or config.eval.split
+  rows = saferec.load_split(data_dir, split, stage="sft", strict=config.data.get("strict", True))
+  if int(config.eval.get("max_rows", -1)) > 0:
+    rows = rows[:int(config.eval.max_rows)]
+  oracle = saferec.load_oracle(data_dir, risk_threshold=float(config.data.risk_threshold))
+  try:
+    catalog = saferec.load_catalog(data_dir)
+  except FileNotFoundError:
+    catalog = None
+  return rows, oracle, catalog
+
+
+def evaluate(config, checkpoint_path, *, split=None, workdir, steps=None, mesh=None, rules=None,
+             progress=True):
+  """Evaluates every checkpoint named by `checkpoint_path`; returns their reports."""
+  if mesh is None:
+    mesh, rules = shd.mesh_from_config(config)
+  split = split or config.eval.split
+  with config.unlocked():
+    config.eval.split = split
+  rows, oracle, catalog = load_eval_data(config, split)
+  targets = resolve_targets(checkpoint_path, steps)
+  base = os.path.join(workdir, split)
+  reports = []
+  for target in targets:
+    out_dir = os.path.join(base, target.name)
+    os.makedirs(out_dir, exist_ok=True)
+    reports.append(evaluate_target(config, target, rows, oracle, catalog, out_dir,
+                                   mesh=mesh, rules=rules, progress=progress))
+  if jax.process_index() == 0 and len(reports) > 1:
+    rep.write_run_summary(reports, base)
+  return reports

@@ -1,0 +1,194 @@
+"""The policy of a run: its model config, what a checkpoint path holds, the one loader.
+
+    cfg = policy.model_config(config, tokenizer)            # numerics from the config
+    kind = policy.checkpoint_kind(path)                      # "hf" | "step" | "run"
+    pol = policy.load_policy(config, path, mesh, rules)     # Policy(model_cfg, params, tokenizer, ...)
+    policy.export_hf(path, out_dir)                          # orbax step -> HF dir
+
+Every stage starts its model here: Safe-SFT (from `model.hf_dir` or a random
+preset), Safe-GDPO (from `gdpo.init_checkpoint`), evaluation (each target) and
+export. A path is one of
+  hf    a Hugging Face directory: config.json + *.safetensors (or their index);
+        its tokenizer when it has one, else the config's tokenizer;
+  step  an orbax step directory (`<run>/checkpoints/<step>`, holding state/);
+  run   a run directory or its checkpoints/ directory: its latest step.
+An orbax step restores only the params (LoRA adapters merged); its model
+config and tokenizer come from the run directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from safecrs_jax import assets, checkpoint, models, tokens
+from safecrs_jax import lora as lora_lib
+from safecrs_jax import sharding as shd
+from safecrs_jax import train_state as ts
+
+KINDS = ("hf", "step", "run")
+
+
+def numerics(config) -> dict:
+  """ModelConfig overrides a run config sets: dtype, param_dtype, remat, scan_layers."""
+  over = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+              remat=bool(config.model.remat))
+  if config.model.get("scan_layers", None) is not None:
+    over["scan_layers"] = bool(config.model.scan_layers)
+  return over
+
+
+def model_config(config, tokenizer=None) -> models.ModelConfig:
+  """ModelConfig from model.hf_dir or model.preset, with the config's numerics.
+
+  A preset model takes its vocabulary size and special ids from the tokenizer
+  (rounded up to a multiple of 64); an HF model must cover the tokenizer.
+  """
+  over = numerics(config)
+  extra = dict(shd.as_tuples(config.model.get("overrides", ()) or ()))
+  if config.model.hf_dir:
+    if extra:
+      raise ValueError(f"model.overrides {extra} only apply to a preset, not model.hf_dir")
+    cfg = models.ModelConfig.from_hf(config.model.hf_dir, **over)
+  else:
+    if config.model.preset not in models.PRESETS:
+      raise ValueError(f"model.preset {config.model.preset!r} unknown; "
+                       f"known: {sorted(models.PRESETS)} (or set model.hf_dir)")
+    if tokenizer is not None:
+      over["vocab_size"] = -(-len(tokenizer) // 64) * 64
+      over["eos_token_id"] = tokens.end_of_turn_id(tokenizer)
+      over["pad_token_id"] = tokens.pad_id(tokenizer)
+      over["bos_token_id"] = tokenizer.bos_token_id
+    over.update(extra)
+    cfg = models.ModelConfig.from_hf(models.PRESETS[config.model.preset], **over)
+  if tokenizer is not None and len(tokenizer) > cfg.vocab_size:
+    raise ValueError(f"tokenizer has {len(tokenizer)} tokens > model vocab_size "
+                     f"{cfg.vocab_size}")
+  return cfg
+
+
+def is_hf_dir(path) -> bool:
+  """config.json plus safetensors weights (one file, shards, or their index)."""
+  if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+    return False
+  return any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json")
+             for n in os.listdir(path))
+
+
+def checkpoint_kind(path) -> str:
+  """"hf", "step" or "run" for `path` (module docstring); raises when it is none of them."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+  if is_hf_dir(path):
+    return "hf"
+  if os.path.isdir(os.path.join(path, "state")):
+    return "step"
+  ckdir = os.path.join(path, checkpoint.CHECKPOINTS)
+  if checkpoint.saved_steps(ckdir if os.path.isdir(ckdir) else path):
+    return "run"
+  raise FileNotFoundError(
+      f"{path} holds no checkpoint: expected a Hugging Face directory (config.json + "
+      f"*.safetensors), an orbax step dir (with state/), or a run dir with "
+      f"{checkpoint.CHECKPOINTS}/<step>/")
+
+
+@dataclasses.dataclass
+class Policy:
+  """A loaded model: config, params (in their shardings), tokenizer, where from."""
+  model_cfg: models.ModelConfig
+  params: Any
+  tokenizer: Any
+  source: str          # the path loaded, or "preset:<name>" / the model.hf_dir
+  kind: str            # "hf" | "step" | "run" | "preset"
+
+
+def load_params(path, mesh=None, rules=None, *, merge_lora=True, **overrides):
+  """(ModelConfig, params) of an orbax run / checkpoints / step dir.
+
+  The model config comes from the run's model_config.json (`overrides` set
+  ModelConfig fields such as dtype). With a mesh, params are restored straight
+  into their shardings. A LoRA run's adapters are merged (W + scale·A@B) unless
+  merge_lora=False, in which case (cfg, params, lora, scale) is returned.
+  """
+  step_dir = checkpoint.find_step_dir(path)
+  run_dir = checkpoint.run_dir_of(step_dir)
+  if run_dir is None:
+    raise checkpoint.CheckpointError(
+        f"{step_dir}: no {checkpoint.MODEL_CONFIG} in its run directory; "
+        "cannot tell which model the checkpoint holds")
+  cfg = models.ModelConfig.from_hf(os.path.join(run_dir, checkpoint.MODEL_CONFIG), **overrides)
+  abstract = {"params": models.abstract_params(cfg), "lora": None}
+  info = checkpoint.saved_lora_info(step_dir)
+  if info:
+    abstract["lora"] = lora_lib.abstract(abstract["params"], info["rank"], info["targets"])
+  if mesh is not None:
+    axes = models.param_logical_axes(cfg)
+    sh = shd.logical_to_sharding(axes, mesh, rules, shapes=abstract["params"])
+    abstract["params"] = ts.with_shardings(abstract["params"], sh)
+    if abstract["lora"] is not None:
+      l_axes = lora_lib.logical_axes(axes, abstract["lora"])
+      l_sh = shd.logical_to_sharding(l_axes, mesh, rules, shapes=abstract["lora"])
+      abstract["lora"] = ts.with_shardings(abstract["lora"], l_sh)
+  out = checkpoint.load_state_items(step_dir, abstract)
+  params, adapters = out["params"], out["lora"]
+  scale = lora_lib.scale(info["alpha"], info["rank"]) if info else None
+  if not merge_lora:
+    return cfg, params, adapters, scale
+  if adapters is not None:
+    params = jax.jit(lora_lib.merge, static_argnums=2)(params, adapters, scale)
+  return cfg, params
+
+
+def _config_tokenizer(config, data_dir=None):
+  return tokens.load_tokenizer(assets.resolve_tokenizer_path(config, data_dir))
+
+
+def _from_model_section(config, mesh, rules, data_dir, init_key):
+  """The model the config's `model` section names: model.hf_dir, else a random preset."""
+  tok = _config_tokenizer(config, data_dir)
+  if config.model.hf_dir:
+    cfg, params = models.load_hf(config.model.hf_dir, mesh=mesh, rules=rules, **numerics(config))
+    return Policy(cfg, params, tok, os.path.abspath(config.model.hf_dir), "hf")
+  cfg = model_config(config, tok)
+  key = jax.random.key(int(config.seed)) if init_key is None else init_key
+  params = models.init_params(cfg, key, mesh=mesh, rules=rules)
+  return Policy(cfg, params, tok, f"preset:{config.model.preset}", "preset")
+
+
+def load_policy(config, path, mesh=None, rules=None, *, data_dir=None, init_key=None):
+  """The Policy at `path` (module docstring), with the config's numerics.
+
+  path "" (or None): the config's model section — model.hf_dir, else a random
+  init of model.preset from `init_key` (default key(seed)); the tokenizer is
+  the config's (tokenizer.path).
+  """
+  if not path:
+    return _from_model_section(config, mesh, rules, data_dir, init_key)
+  kind = checkpoint_kind(path)
+  over = numerics(config)
+  if kind == "hf":
+    cfg, params = models.load_hf(path, mesh=mesh, rules=rules, **over)
+    has_tok = os.path.exists(os.path.join(path, "tokenizer_config.json"))
+    tok = tokens.load_tokenizer(path) if has_tok else _config_tokenizer(config, data_dir)
+    return Policy(cfg, params, tok, os.path.abspath(path), kind)
+  cfg, params = load_params(path, mesh, rules, **over)
+  tok = tokens.load_tokenizer(checkpoint.tokenizer_dir(path))
+  return Policy(cfg, params, tok, checkpoint.find_step_dir(path), kind)
+
+
+def export_hf(path, out_dir, dtype=None):
+  """Writes the orbax checkpoint at `path` (LoRA merged) as an HF model dir + tokenizer."""
+  cfg, params = load_params(path)
+  if dtype:
+    cfg = dataclasses.replace(cfg, param_dtype=dtype)
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+  models.save_hf(cfg, params, out_dir)
+  tok = checkpoint.tokenizer_dir(path)
+  if jax.process_index() == 0:
+    for name in os.listdir(tok):
+      shutil.copy2(os.path.join(tok, name), os.path.join(out_dir, name))
+  return out_dir

@@ -1,0 +1,184 @@
+"""The books both training stages keep: run directory, restore-or-init, cadence, the loop.
+
+    ckpt = open_checkpointer(config, workdir)
+    state, data = restore_or_init(ckpt, abstract_state, fingerprint, init_fn)
+    write_run_files(workdir, config, model_cfg, tokenizer)
+    with Books(workdir, config.log, total, start, "sft") as books:
+      state, step, preempted = run_loop(stage, state, start, books, log_every=...)
+
+A stage (sft.Run, gdpo.Run) provides `total_steps`, `ckpt`,
+`step(state, step) -> (state, out)` (dispatches work; no host sync),
+`log(step, outs) -> (record, progress_fields)` (the one host sync, at logging
+steps) and `data_position(step)` (the JSON saved beside each checkpoint). The
+loop saves every `checkpoint.save_every` steps and at the last step, and on
+SIGTERM (or a multi-host preemption notice) writes a final checkpoint and stops.
+"""
+import json
+import os
+import signal
+import threading
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from safecrs_jax import checkpoint, metrics_log
+
+
+def due(step, every, total):
+  """True at every `every`-th step and at the last one (never when every <= 0)."""
+  return every > 0 and (step % every == 0 or step == total)
+
+
+def epoch_permutation(seed, epoch, n):
+  """The order of the n training rows in `epoch` (same on every process and restart)."""
+  return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+
+
+# -- the run directory --------------------------------------------------------
+
+_FINGERPRINT_MODEL_KEYS = (
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
+
+
+def model_fingerprint(model_cfg):
+  """The model facts a checkpoint must agree on to be resumed (architecture, dtype)."""
+  hf = model_cfg.to_hf_dict()
+  return {"model": {k: hf.get(k) for k in _FINGERPRINT_MODEL_KEYS},
+          "param_dtype": model_cfg.param_dtype}
+
+
+def write_run_files(workdir, config, model_cfg, tokenizer):
+  """model_config.json, tokenizer/ and config.json next to the checkpoints (process 0)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, checkpoint.MODEL_CONFIG), "w") as f:
+    json.dump(model_cfg.to_hf_dict(), f, indent=2)
+  tok_dir = os.path.join(workdir, checkpoint.TOKENIZER)
+  if not os.path.isdir(tok_dir):
+    tokenizer.save_pretrained(tok_dir)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+
+def open_checkpointer(config, workdir):
+  """The run's Checkpointer under <workdir>/checkpoints, from config.checkpoint."""
+  ck = config.checkpoint
+  return checkpoint.Checkpointer(
+      os.path.join(workdir, checkpoint.CHECKPOINTS), save_every=ck.save_every,
+      keep=ck.keep, async_save=ck.async_save)
+
+
+def restore_or_init(ckpt, abstract_state, fingerprint, init_fn):
+  """(state, saved data position) of the latest checkpoint, else (init_fn(), None)."""
+  restored = ckpt.restore_latest(abstract_state, fingerprint)
+  if restored is not None:
+    return restored
+  return init_fn(), None
+
+
+# -- preemption ---------------------------------------------------------------
+
+class PreemptionWatch:
+  """Tells the loop when to write a final checkpoint and stop.
+
+  Single process: a SIGTERM handler sets a flag (installed only from the main
+  thread; the previous handler is restored by `close`). Several processes: all
+  hosts must agree on the step, so jax's preemption sync point is used.
+  """
+
+  def __init__(self):
+    self._flag = threading.Event()
+    self._previous = None
+    self._multi = jax.process_count() > 1
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+  def _on_signal(self, signum, frame):
+    del signum, frame
+    self._flag.set()
+
+  def reached(self, step):
+    if self._multi:
+      try:
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+      except RuntimeError:  # preemption service not enabled
+        return False
+    return self._flag.is_set()
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
+# -- the loop -----------------------------------------------------------------
+
+class Books:
+  """Metric writers, progress bar and preemption watch of one training call."""
+
+  def __init__(self, workdir, log_cfg, total, initial, desc):
+    self.writer = metrics_log.MetricWriter(workdir, tensorboard=bool(log_cfg.tensorboard))
+    self.progress = metrics_log.Progress(total, initial=initial, desc=desc,
+                                         enabled=bool(log_cfg.progress))
+    self.watch = PreemptionWatch()
+    self.desc = desc
+
+  def close(self):
+    self.writer.close()
+    self.progress.close()
+    self.watch.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def run_loop(stage, state, start, books, *, log_every, hooks=(), stop_at=None):
+  """Steps `stage` from `start` to stage.total_steps; returns (state, step, preempted).
+
+  hooks: callables hook(step, state) after every step (validation, tests).
+  stop_at: leave after this step with a checkpoint (time-sliced jobs). The
+  checkpointer is closed (pending async saves finished) on the way out.
+  """
+  total, pending, step, preempted = stage.total_steps, [], start, False
+
+  def flush():
+    if pending:
+      record, fields = stage.log(step, list(pending))
+      books.writer.write(step, record)
+      books.progress.update(len(pending), **fields)
+      pending.clear()
+
+  def save():
+    stage.ckpt.save(step, state, stage.data_position(step), force=True)
+
+  try:
+    while step < total:
+      state, out = stage.step(state, step)
+      step += 1
+      pending.append(out)
+      if due(step, max(int(log_every), 1), total):
+        flush()
+      for hook in hooks:
+        hook(step, state)
+      if stage.ckpt.should_save(step) or step == total:
+        save()
+      if books.watch.reached(step) and step < total:
+        flush()
+        save()
+        preempted = True
+        books.progress.write(f"{books.desc}: SIGTERM at step {step}; checkpoint written, "
+                             "exiting")
+        break
+      if stop_at is not None and step >= stop_at:
+        flush()
+        save()
+        break
+  finally:
+    stage.ckpt.close()
+  return state, step, preempted
