@@ -31,16 +31,24 @@ from safecrs_jax.models.layers import Block, DenseParams, RMSNorm, dense, dtype_
 
 
 class Decoder(nn.Module):
-  """Token ids -> logits. Llama 3.x / Qwen2 / Qwen3 depending on cfg."""
+  """Token ids -> logits. Llama 3.x / Qwen2 / Qwen3 depending on cfg.
+
+  return_hidden: return the final (normed) hidden states [B,T,D] instead of logits
+    (the output head is left to models.head, chunked over tokens).
+  last_only: apply the output head to the last position only (logits [B,1,V]).
+  """
   cfg: ModelConfig
   mesh: Any = None
   rules: Any = None
+  return_hidden: bool = False
+  last_only: bool = False
 
   @nn.compact
   def __call__(self, input_ids, positions, mask, kv=None):
     """input_ids [B,T]; positions [B,T]; mask [B,1,1,T,S] bool; kv see Attention.
 
-    Returns (logits [B,T,V] cfg.dtype, kv').
+    Returns (logits [B,T,V] cfg.dtype, kv'); [B,1,V] with last_only; hidden
+    [B,T,D] cfg.dtype with return_hidden.
     """
     cfg = self.cfg
     dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
@@ -64,6 +72,10 @@ class Decoder(nn.Module):
     (x, kv), _ = stack(cfg, self.mesh, self.rules, name="layers")((x, kv), cos, sin, mask)
 
     x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="norm")(x)
+    if self.return_hidden:
+      return x, kv
+    if self.last_only:
+      x = x[:, -1:]                                                   # [B,1,D]
     if cfg.tie_word_embeddings:
       emb = embed.embedding.astype(dt)                                # [V,D]
       logits = jnp.dot(x.reshape(-1, cfg.hidden_size), emb.T)          # [B*T,V]
@@ -136,6 +148,14 @@ def positions_from_mask(attention_mask):
   return jnp.maximum(jnp.cumsum(m, axis=1) - 1, 0)
 
 
+def _full_mask(attention_mask):
+  """[B,T] {0,1} -> [B,1,1,T,S=T] bool: causal, pad keys masked."""
+  t = attention_mask.shape[1]
+  valid = attention_mask.astype(bool)                                 # [B,T]
+  causal = jnp.tril(jnp.ones((t, t), bool))                           # [T,S=T]
+  return (causal[None] & valid[:, None, :])[:, None, None]            # [B,1,1,T,S]
+
+
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("mesh", "rules"))
 def forward(cfg: ModelConfig, params, input_ids, attention_mask, *, mesh=None, rules=None):
   """Logits of a (left-)padded batch.
@@ -144,13 +164,25 @@ def forward(cfg: ModelConfig, params, input_ids, attention_mask, *, mesh=None, r
   (cast to float32 before log_softmax). Attention is causal and skips pad keys.
   `mesh`/`rules` (optional) add sharding constraints on activations.
   """
-  t = input_ids.shape[1]
-  valid = attention_mask.astype(bool)                                 # [B,T]
-  causal = jnp.tril(jnp.ones((t, t), bool))                           # [T,S=T]
-  mask = (causal[None] & valid[:, None, :])[:, None, None]            # [B,1,1,T,S]
   logits, _ = Decoder(cfg, mesh, rules).apply(
-      {"params": params}, input_ids, positions_from_mask(attention_mask), mask)
+      {"params": params}, input_ids, positions_from_mask(attention_mask),
+      _full_mask(attention_mask))
   return logits
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("mesh", "rules"))
+def forward_hidden(cfg: ModelConfig, params, input_ids, attention_mask, *, mesh=None,
+                   rules=None):
+  """Final (normed) hidden states of a (left-)padded batch; the output head is not run.
+
+  input_ids [B,T] int32; attention_mask [B,T] {0,1} -> hidden [B,T,D] in cfg.dtype.
+  hidden @ head.head_weight(cfg, params) equals forward()'s logits; use
+  head.chunked_token_logprobs / chunked_nll_sum so [B,T,V] is never materialised.
+  """
+  hidden, _ = Decoder(cfg, mesh, rules, return_hidden=True).apply(
+      {"params": params}, input_ids, positions_from_mask(attention_mask),
+      _full_mask(attention_mask))
+  return hidden
 
 
 # -- KV cache ------------------------------------------------------------------
@@ -177,15 +209,16 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, mesh=None, rules
   return jax.jit(make, out_shardings=out)()
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("mesh", "rules"))
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("mesh", "rules", "last_only"))
 def forward_cached(cfg: ModelConfig, params, input_ids, attention_mask, cache, *,
-                   mesh=None, rules=None):
+                   mesh=None, rules=None, last_only=False):
   """Runs T new tokens against the cache; returns (logits [B,T,V], cache').
 
   Prefill: ids [B,P] (left-padded), mask [B,P], empty cache. Decode: ids [B,1],
   mask ones [B,1]. Positions continue from each row's count of valid cached tokens;
   each new token attends to valid earlier slots and itself. The logits equal
-  forward() on the concatenated sequence.
+  forward() on the concatenated sequence. last_only=True (static) runs the output
+  head on the last position only and returns logits [B,1,V] (what a prefill needs).
   """
   b, t = input_ids.shape
   index = cache["index"]
@@ -199,6 +232,6 @@ def forward_cached(cfg: ModelConfig, params, input_ids, attention_mask, cache, *
   causal = jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slot[:, None]  # [T,S]
   mask = (causal[None] & slot_mask[:, None, :])[:, None, None]        # [B,1,1,T,S]
   kv = (cache["k"], cache["v"], jnp.int32(0), index)
-  logits, (k, v, _, _) = Decoder(cfg, mesh, rules).apply(
+  logits, (k, v, _, _) = Decoder(cfg, mesh, rules, last_only=last_only).apply(
       {"params": params}, input_ids, positions, mask, kv)
   return logits, {"k": k, "v": v, "mask": slot_mask, "index": index + t}
