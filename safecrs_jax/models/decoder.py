@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from safecrs_jax import sharding as shd
-from safecrs_jax.models.config import ModelConfig
+from safecrs_jax.models.config import ConfigError, ModelConfig
 from safecrs_jax.models.layers import Block, DenseParams, RMSNorm, dense, dtype_of, rope_tables
 
 
@@ -62,8 +62,9 @@ class Decoder(nn.Module):
     cos, sin = rope_tables(cfg, positions)                            # [B,T,1,H]
 
     block = Block
-    if cfg.remat:
-      block = nn.remat(Block, prevent_cse=not cfg.scan_layers)
+    if cfg.remat != "none":
+      block = nn.remat(Block, prevent_cse=not cfg.scan_layers,
+                       policy=remat_policy(cfg.remat, self.mesh))
     stack = nn.scan(
         block, variable_axes={"params": 0}, split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
@@ -87,6 +88,30 @@ class Decoder(nn.Module):
     logits = shd.constrain(logits.astype(dt), ("act_batch", "act_length", "act_vocab"),
                            self.mesh, self.rules)
     return logits, kv
+
+
+def remat_policy(name: str, mesh=None):
+  """jax.checkpoint policy of a ModelConfig.remat name ("full" -> None: save nothing).
+
+  "offload" needs a backend with a pinned_host memory (TPU, GPU, and XLA:CPU in
+  this jax); the devices of `mesh` (default: jax.devices()) are checked and a
+  ConfigError names the alternatives otherwise.
+  """
+  policies = jax.checkpoint_policies
+  if name == "full":
+    return None
+  if name == "dots_no_batch":
+    return policies.dots_with_no_batch_dims_saveable
+  if name == "offload":
+    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+    memories = getattr(device, "addressable_memories", None)
+    kinds = {m.kind for m in memories()} if memories is not None else {"pinned_host"}
+    if "pinned_host" not in kinds:
+      raise ConfigError(f"remat='offload' needs host offload (a 'pinned_host' memory); "
+                        f"{device.platform} devices have {sorted(kinds)}. "
+                        "Use remat='dots_no_batch' or 'full'.")
+    return policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+  raise ConfigError(f"unknown remat policy {name!r}")
 
 
 # -- parameters -----------------------------------------------------------------
