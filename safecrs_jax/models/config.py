@@ -31,6 +31,9 @@ _DTYPES = ("float32", "bfloat16", "float16")
 #   offload        like dots_no_batch, but the kept matmul outputs live in host
 #                  memory (pinned_host) until the backward pass needs them
 REMAT_POLICIES = ("none", "full", "dots_no_batch", "offload")
+# Attention kernel of calls without a KV cache (see models/attention.py): auto picks
+# splash on TPU, cudnn on GPU (bf16/fp16), xla elsewhere.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 
 
 class ConfigError(ValueError):
@@ -92,12 +95,15 @@ class ModelConfig:
   # concatenation would re-lay out the sharded kernels every step.
   fuse_projections: bool = True
   initializer_range: float = 0.02    # stddev of normal init (HF convention)
+  attention: str = "auto"            # ATTENTION_IMPLS: auto | xla | cudnn | splash
 
   def __post_init__(self):
     if isinstance(self.remat, bool):
       object.__setattr__(self, "remat", "full" if self.remat else "none")
     if self.remat not in REMAT_POLICIES:
       raise ConfigError(f"remat={self.remat!r}; expected a bool or one of {REMAT_POLICIES}")
+    if self.attention not in ATTENTION_IMPLS:
+      raise ConfigError(f"attention={self.attention!r}; expected one of {ATTENTION_IMPLS}")
     if self.model_type not in SUPPORTED_MODEL_TYPES:
       raise ConfigError(f"model_type={self.model_type!r} is not supported; "
                         f"supported: {SUPPORTED_MODEL_TYPES}")

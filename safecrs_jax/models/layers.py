@@ -18,9 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from safecrs_jax import sharding as shd
+from safecrs_jax.models import attention as attention_lib
 from safecrs_jax.models.config import ModelConfig
 
 Array = jax.Array
+# Tests only: run the splash kernel in Pallas interpret mode (any device, slow).
+SPLASH_INTERPRET = False
 
 
 def dtype_of(name: str):
@@ -202,12 +205,24 @@ class Attention(nn.Module):
     q = q * jnp.asarray(h ** -0.5, dt)
     kk = kk.astype(dt).transpose(0, 2, 1, 3)                          # [B,K,S,H]
     v = v.astype(dt).transpose(0, 2, 1, 3)                            # [B,K,S,H]
-    out = _attend(q, kk, v, mask, dt)                                 # [B,K,G,T,H]
+    out = self._attention(q, kk, v, mask, cached=kv is not None)      # [B,K,G,T,H]
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * h)           # [B,T,N*H]
     out = shd.constrain(out, ("act_batch", "act_length", "act_heads"), self.mesh, self.rules)
     (y,) = dense(out, [DenseParams(n * h, cfg.hidden_size, ("heads", "embed"), cfg,
                                    cfg.attention_out_bias, name="o_proj")()], cfg, False)
     return y, kv
+
+
+  def _attention(self, q, k, v, mask, cached):
+    """q [B,K,G,T,H] pre-scaled; k, v [B,K,S,H]; mask [B,1,1,T,S] -> [B,K,G,T,H]."""
+    impl = "xla" if cached else attention_lib.resolve(self.cfg, self.mesh)
+    if impl == "cudnn":
+      return attention_lib.sdpa_attention(q, k, v, attention_lib.key_validity(mask))
+    if impl == "splash":
+      return attention_lib.splash_attention(q, k, v, attention_lib.key_validity(mask),
+                                            mesh=self.mesh, rules=self.rules,
+                                            interpret=SPLASH_INTERPRET)
+    return _attend(q, k, v, mask, dtype_of(self.cfg.dtype))
 
 
 class MLP(nn.Module):
