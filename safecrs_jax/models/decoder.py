@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from safecrs_jax import sharding as shd
+from safecrs_jax.models.adapters import COLLECTION, AdapterRun
 from safecrs_jax.models.config import ConfigError, ModelConfig
 from safecrs_jax.models.layers import Block, DenseParams, RMSNorm, dense, dtype_of, rope_tables
 
@@ -43,6 +44,7 @@ class Decoder(nn.Module):
   rules: Any = None
   return_hidden: bool = False
   last_only: bool = False
+  adapters: Any = None   # adapters.AdapterRun: apply the "lora" collection (None: off)
 
   @nn.compact
   def __call__(self, input_ids, positions, mask, kv=None):
@@ -67,11 +69,13 @@ class Decoder(nn.Module):
       block = nn.remat(Block, prevent_cse=not cfg.scan_layers,
                        policy=remat_policy(cfg.remat, self.mesh))
     stack = nn.scan(
-        block, variable_axes={"params": 0}, split_rngs={"params": True},
+        block, variable_axes={"params": 0, COLLECTION: 0},
+        split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
         unroll=1 if cfg.scan_layers else cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"})
-    (x, kv), _ = stack(cfg, self.mesh, self.rules, name="layers")((x, kv), cos, sin, mask)
+    (x, kv), _ = stack(cfg, self.mesh, self.rules, self.adapters, name="layers")(
+        (x, kv), cos, sin, mask)
 
     x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="norm")(x)
     if self.return_hidden:
@@ -84,7 +88,7 @@ class Decoder(nn.Module):
       logits = logits.reshape(*x.shape[:-1], cfg.vocab_size)          # [B,T,V]
     else:
       head = DenseParams(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), cfg,
-                         name="lm_head")()
+                         False, self.adapters, name="lm_head")()
       (logits,) = dense(x, [head], cfg, False)                        # [B,T,V]
     logits = shd.constrain(logits.astype(dt), ("act_batch", "act_length", "act_vocab"),
                            self.mesh, self.rules)
@@ -184,33 +188,60 @@ def _full_mask(attention_mask):
   return (causal[None] & valid[:, None, :])[:, None, None]            # [B,1,1,T,S]
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("mesh", "rules"))
-def forward(cfg: ModelConfig, params, input_ids, attention_mask, *, mesh=None, rules=None):
+def _apply(cfg, params, input_ids, attention_mask, mesh, rules, return_hidden, lora,
+           lora_scale, lora_dropout, dropout_rng):
+  """Decoder over a (left-)padded batch, with optional LoRA adapters (see forward)."""
+  variables, rngs, run = {"params": params}, {}, None
+  if lora is not None:
+    variables[COLLECTION] = lora
+    run = AdapterRun(float(lora_scale), float(lora_dropout) if dropout_rng is not None
+                     else 0.0)
+    if return_hidden and "lm_head" in lora:
+      raise ValueError("an lm_head adapter is not applied by forward_hidden; merge it "
+                       "(lora.merge) or leave lm_head out of the LoRA targets")
+    if run.dropout > 0:
+      rngs["dropout"] = dropout_rng
+  out, _ = Decoder(cfg, mesh, rules, return_hidden=return_hidden, adapters=run).apply(
+      variables, input_ids, positions_from_mask(attention_mask),
+      _full_mask(attention_mask), rngs=rngs)
+  return out
+
+
+_STATIC = ("mesh", "rules", "lora_scale", "lora_dropout")
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=_STATIC)
+def forward(cfg: ModelConfig, params, input_ids, attention_mask, *, mesh=None, rules=None,
+            lora=None, lora_scale=1.0, lora_dropout=0.0, dropout_rng=None):
   """Logits of a (left-)padded batch.
 
   input_ids [B,T] int32; attention_mask [B,T] {0,1} -> logits [B,T,V] in cfg.dtype
   (cast to float32 before log_softmax). Attention is causal and skips pad keys.
   `mesh`/`rules` (optional) add sharding constraints on activations.
+
+  LoRA (optional): `lora` is the adapter tree of safecrs_jax.lora (lora_a [..,I,r],
+  lora_b [..,r,O] per target module); each adapted projection computes
+  x W + lora_scale * (dropout(x) A) B (models/adapters.py). Dropout with rate
+  `lora_dropout` (static) is applied only when `dropout_rng` (a key) is given; without
+  it the logits equal forward(lora.merge(params, lora, lora_scale)).
   """
-  logits, _ = Decoder(cfg, mesh, rules).apply(
-      {"params": params}, input_ids, positions_from_mask(attention_mask),
-      _full_mask(attention_mask))
-  return logits
+  return _apply(cfg, params, input_ids, attention_mask, mesh, rules, False, lora,
+                lora_scale, lora_dropout, dropout_rng)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("mesh", "rules"))
+@functools.partial(jax.jit, static_argnums=0, static_argnames=_STATIC)
 def forward_hidden(cfg: ModelConfig, params, input_ids, attention_mask, *, mesh=None,
-                   rules=None):
+                   rules=None, lora=None, lora_scale=1.0, lora_dropout=0.0,
+                   dropout_rng=None):
   """Final (normed) hidden states of a (left-)padded batch; the output head is not run.
 
   input_ids [B,T] int32; attention_mask [B,T] {0,1} -> hidden [B,T,D] in cfg.dtype.
   hidden @ head.head_weight(cfg, params) equals forward()'s logits; use
   head.chunked_token_logprobs / chunked_nll_sum so [B,T,V] is never materialised.
+  LoRA arguments as in forward (an lm_head adapter is refused: the head runs outside).
   """
-  hidden, _ = Decoder(cfg, mesh, rules, return_hidden=True).apply(
-      {"params": params}, input_ids, positions_from_mask(attention_mask),
-      _full_mask(attention_mask))
-  return hidden
+  return _apply(cfg, params, input_ids, attention_mask, mesh, rules, True, lora,
+                lora_scale, lora_dropout, dropout_rng)
 
 
 # -- KV cache ------------------------------------------------------------------
