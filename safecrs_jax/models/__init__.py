@@ -7,6 +7,7 @@
   logits = forward(cfg, params, input_ids, attention_mask)          # [B,T,V]
   hidden = forward_hidden(cfg, params, input_ids, attention_mask)   # [B,T,D]
   logp = chunked_token_logprobs(hidden, head_weight(cfg, params), targets)  # [B,T]
+  forward(..., lora=adapters, lora_scale=s, lora_dropout=p, dropout_rng=key)  # LoRA
   cache = init_cache(cfg, batch_size, max_len)
   logits, cache = forward_cached(cfg, params, input_ids, attention_mask, cache)
   (last_only=True: logits [B,1,V] of the last position, for prefill)
