@@ -120,8 +120,8 @@ def build(*, stage, model_preset="", model_dir="", data_dir=MINI,
   c.sft.reasoning = True         # keep the <reasoning> block in curated targets
   c.sft.lora = ml_collections.ConfigDict()
   c.sft.lora.rank = 0            # 0 = full fine-tuning
-  c.sft.lora.alpha = 16.0        # scale = alpha / rank
-  c.sft.lora.dropout = 0.0       # dropout on the adapter input
+  c.sft.lora.alpha = 32.0        # scale = alpha / rank (reference: r 16, alpha 32)
+  c.sft.lora.dropout = 0.05      # dropout on the adapter input (reference: 0.05)
   c.sft.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
   c.gdpo = ml_collections.ConfigDict()

@@ -1,4 +1,4 @@
-"""LoRA adapters over the plain params pytree (the model has no LoRA code).
+"""LoRA adapters over the plain params pytree.
 
 For every target kernel W [..., I, O] (leading axes, e.g. the stacked-layer
 axis, are batch axes) the adapter holds
@@ -6,16 +6,16 @@ axis, are batch axes) the adapter holds
     lora_a [..., I, r]  ~ U(-1/sqrt(I), 1/sqrt(I))    (as PEFT's kaiming init)
     lora_b [..., r, O]  = 0                            (so training starts at W)
 
-and the forward pass uses the merged weight W + scale · A @ B with
-scale = alpha / r (computed in float32, cast to W's dtype). `merge` is also the
-export path: merged params are ordinary params for `models.save_hf`.
+with scale = alpha / r. Training runs the adapters inside the model,
+y = x W + scale · (dropout(x) A) B (models.forward(..., lora=, lora_scale=,
+lora_dropout=, dropout_rng=); see models/adapters.py), so adapter dropout is real.
+`merge` gives W + scale · A @ B (float32, cast to W's dtype): the same function
+without dropout, for inference (rollouts, evaluation) and export — merged params
+are ordinary params for `models.save_hf`.
 
 The adapter tree mirrors the params tree, holding only the target modules:
 {"layers": {"attn": {"q_proj": {"lora_a": ..., "lora_b": ...}}}} for a kernel at
 params["layers"]["attn"]["q_proj"]["kernel"].
-
-Dropout on the adapter input is NOT supported: with merged weights the adapter
-never sees its input separately. `check_config` rejects dropout > 0.
 """
 import jax
 import jax.numpy as jnp
@@ -30,11 +30,9 @@ def check_config(lora_cfg):
   rank = int(lora_cfg.rank)
   if rank < 0:
     raise ValueError(f"sft.lora.rank must be >= 0, got {rank}")
-  if rank and float(lora_cfg.get("dropout", 0.0)) > 0:
-    raise ValueError(
-        f"sft.lora.dropout={lora_cfg.dropout} is not supported: adapters are merged "
-        "into the weights at forward time (W + scale*A@B), so dropout on the adapter "
-        "input cannot be applied; set --config.sft.lora.dropout=0")
+  dropout = float(lora_cfg.get("dropout", 0.0))
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"sft.lora.dropout must be in [0, 1), got {dropout}")
   if rank and not lora_cfg.targets:
     raise ValueError("sft.lora.targets is empty")
   return rank > 0

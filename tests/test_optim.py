@@ -81,7 +81,9 @@ def test_lora_merge_and_axes():
   np.testing.assert_array_equal(merged["layers"]["attn"]["o_proj"]["kernel"], 1.0)
   with pytest.raises(ValueError, match="match no kernel"):
     lora.init(params, 4, ("nope",), jax.random.key(0))
+  assert lora.check_config(ml_collections.ConfigDict(   # adapter dropout is supported
+      {"rank": 4, "alpha": 8.0, "dropout": 0.1, "targets": ("q_proj",)}))
   with pytest.raises(ValueError, match="dropout"):
     lora.check_config(ml_collections.ConfigDict(
-        {"rank": 4, "alpha": 8.0, "dropout": 0.1, "targets": ("q_proj",)}))
+        {"rank": 4, "alpha": 8.0, "dropout": 1.0, "targets": ("q_proj",)}))
   assert not lora.check_config(common.build(stage="sft").sft.lora)

@@ -5,8 +5,12 @@
   save_hf(cfg, params, out_dir)
   params = init_params(cfg, rng, mesh=None, rules=None)
   logits = forward(cfg, params, input_ids, attention_mask)          # [B,T,V]
+  hidden = forward_hidden(cfg, params, input_ids, attention_mask)   # [B,T,D]
+  logp = chunked_token_logprobs(hidden, head_weight(cfg, params), targets)  # [B,T]
+  forward(..., lora=adapters, lora_scale=s, lora_dropout=p, dropout_rng=key)  # LoRA
   cache = init_cache(cfg, batch_size, max_len)
   logits, cache = forward_cached(cfg, params, input_ids, attention_mask, cache)
+  (last_only=True: logits [B,1,V] of the last position, for prefill)
 """
 from safecrs_jax.models.config import ConfigError, ModelConfig
 from safecrs_jax.models.decoder import (
@@ -16,18 +20,21 @@ from safecrs_jax.models.decoder import (
     count_params,
     forward,
     forward_cached,
+    forward_hidden,
     init_cache,
     init_params,
     param_logical_axes,
     param_shardings,
     positions_from_mask,
 )
+from safecrs_jax.models.head import chunked_nll_sum, chunked_token_logprobs, head_weight
 from safecrs_jax.models.hf_io import CheckpointError, hf_tensor_names, load_hf, save_hf
 from safecrs_jax.models.presets import PRESETS
 
 __all__ = [
     "CheckpointError", "ConfigError", "Decoder", "ModelConfig", "PRESETS", "abstract_params",
-    "cache_logical_axes", "count_params", "forward", "forward_cached", "init_cache",
+    "cache_logical_axes", "chunked_nll_sum", "chunked_token_logprobs", "count_params",
+    "forward", "forward_cached", "forward_hidden", "head_weight", "init_cache",
     "hf_tensor_names", "init_params", "load_hf", "param_logical_axes", "param_shardings",
     "positions_from_mask", "save_hf",
 ]

@@ -23,6 +23,17 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                   "qwen3": "Qwen3ForCausalLM"}
 _DTYPES = ("float32", "bfloat16", "float16")
+# Rematerialisation of each decoder block in the backward pass (see decoder.py):
+#   none           keep every activation (fastest, most memory)
+#   full           keep only the block inputs, recompute the rest
+#   dots_no_batch  also keep the outputs of the weight matmuls (projections, MLP);
+#                  recompute attention scores, norms and activations
+#   offload        like dots_no_batch, but the kept matmul outputs live in host
+#                  memory (pinned_host) until the backward pass needs them
+REMAT_POLICIES = ("none", "full", "dots_no_batch", "offload")
+# Attention kernel of calls without a KV cache (see models/attention.py): auto picks
+# splash on TPU, cudnn on GPU (bf16/fp16), xla elsewhere.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 
 
 class ConfigError(ValueError):
@@ -75,15 +86,24 @@ class ModelConfig:
   # Numerics / execution (not part of HF config.json).
   dtype: str = "float32"             # compute dtype; logits come back in this dtype
   param_dtype: str = "float32"       # storage dtype of parameters (checkpoint dtype ignored)
-  remat: bool = False                # rematerialise each decoder block in backward
+  # Remat policy by name (REMAT_POLICIES); bools are accepted: False -> "none",
+  # True -> "full". Always a string after construction.
+  remat: str | bool = "none"
   scan_layers: bool = True           # True: lax.scan over layers; False: unrolled loop
   # Concatenate the q|k|v and gate|up kernels at run time and run one matmul each
   # (faster on CPU / small models). Set False with tensor parallelism, where the
   # concatenation would re-lay out the sharded kernels every step.
   fuse_projections: bool = True
   initializer_range: float = 0.02    # stddev of normal init (HF convention)
+  attention: str = "auto"            # ATTENTION_IMPLS: auto | xla | cudnn | splash
 
   def __post_init__(self):
+    if isinstance(self.remat, bool):
+      object.__setattr__(self, "remat", "full" if self.remat else "none")
+    if self.remat not in REMAT_POLICIES:
+      raise ConfigError(f"remat={self.remat!r}; expected a bool or one of {REMAT_POLICIES}")
+    if self.attention not in ATTENTION_IMPLS:
+      raise ConfigError(f"attention={self.attention!r}; expected one of {ATTENTION_IMPLS}")
     if self.model_type not in SUPPORTED_MODEL_TYPES:
       raise ConfigError(f"model_type={self.model_type!r} is not supported; "
                         f"supported: {SUPPORTED_MODEL_TYPES}")

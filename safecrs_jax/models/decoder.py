@@ -18,6 +18,7 @@ lax.while_loop. The caller keeps index + T <= S (XLA clamps the write otherwise)
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -26,21 +27,31 @@ import jax
 import jax.numpy as jnp
 
 from safecrs_jax import sharding as shd
-from safecrs_jax.models.config import ModelConfig
+from safecrs_jax.models.adapters import COLLECTION, AdapterRun
+from safecrs_jax.models.config import ConfigError, ModelConfig
 from safecrs_jax.models.layers import Block, DenseParams, RMSNorm, dense, dtype_of, rope_tables
 
 
 class Decoder(nn.Module):
-  """Token ids -> logits. Llama 3.x / Qwen2 / Qwen3 depending on cfg."""
+  """Token ids -> logits. Llama 3.x / Qwen2 / Qwen3 depending on cfg.
+
+  return_hidden: return the final (normed) hidden states [B,T,D] instead of logits
+    (the output head is left to models.head, chunked over tokens).
+  last_only: apply the output head to the last position only (logits [B,1,V]).
+  """
   cfg: ModelConfig
   mesh: Any = None
   rules: Any = None
+  return_hidden: bool = False
+  last_only: bool = False
+  adapters: Any = None   # adapters.AdapterRun: apply the "lora" collection (None: off)
 
   @nn.compact
   def __call__(self, input_ids, positions, mask, kv=None):
     """input_ids [B,T]; positions [B,T]; mask [B,1,1,T,S] bool; kv see Attention.
 
-    Returns (logits [B,T,V] cfg.dtype, kv').
+    Returns (logits [B,T,V] cfg.dtype, kv'); [B,1,V] with last_only; hidden
+    [B,T,D] cfg.dtype with return_hidden.
     """
     cfg = self.cfg
     dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
@@ -54,27 +65,58 @@ class Decoder(nn.Module):
     cos, sin = rope_tables(cfg, positions)                            # [B,T,1,H]
 
     block = Block
-    if cfg.remat:
-      block = nn.remat(Block, prevent_cse=not cfg.scan_layers)
+    if cfg.remat != "none":
+      block = nn.remat(Block, prevent_cse=not cfg.scan_layers,
+                       policy=remat_policy(cfg.remat, self.mesh))
     stack = nn.scan(
-        block, variable_axes={"params": 0}, split_rngs={"params": True},
+        block, variable_axes={"params": 0, COLLECTION: 0},
+        split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
         unroll=1 if cfg.scan_layers else cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"})
-    (x, kv), _ = stack(cfg, self.mesh, self.rules, name="layers")((x, kv), cos, sin, mask)
+    (x, kv), _ = stack(cfg, self.mesh, self.rules, self.adapters, name="layers")(
+        (x, kv), cos, sin, mask)
 
     x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="norm")(x)
+    if self.return_hidden:
+      return x, kv
+    if self.last_only:
+      x = x[:, -1:]                                                   # [B,1,D]
     if cfg.tie_word_embeddings:
       emb = embed.embedding.astype(dt)                                # [V,D]
       logits = jnp.dot(x.reshape(-1, cfg.hidden_size), emb.T)          # [B*T,V]
       logits = logits.reshape(*x.shape[:-1], cfg.vocab_size)          # [B,T,V]
     else:
       head = DenseParams(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), cfg,
-                         name="lm_head")()
+                         False, self.adapters, name="lm_head")()
       (logits,) = dense(x, [head], cfg, False)                        # [B,T,V]
     logits = shd.constrain(logits.astype(dt), ("act_batch", "act_length", "act_vocab"),
                            self.mesh, self.rules)
     return logits, kv
+
+
+def remat_policy(name: str, mesh=None):
+  """jax.checkpoint policy of a ModelConfig.remat name ("full" -> None: save nothing).
+
+  "offload" needs a backend with a pinned_host memory (TPU, GPU, and XLA:CPU in
+  this jax); the devices of `mesh` (default: jax.devices()) are checked and a
+  ConfigError names the alternatives otherwise.
+  """
+  policies = jax.checkpoint_policies
+  if name == "full":
+    return None
+  if name == "dots_no_batch":
+    return policies.dots_with_no_batch_dims_saveable
+  if name == "offload":
+    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+    memories = getattr(device, "addressable_memories", None)
+    kinds = {m.kind for m in memories()} if memories is not None else {"pinned_host"}
+    if "pinned_host" not in kinds:
+      raise ConfigError(f"remat='offload' needs host offload (a 'pinned_host' memory); "
+                        f"{device.platform} devices have {sorted(kinds)}. "
+                        "Use remat='dots_no_batch' or 'full'.")
+    return policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+  raise ConfigError(f"unknown remat policy {name!r}")
 
 
 # -- parameters -----------------------------------------------------------------
@@ -82,6 +124,8 @@ class Decoder(nn.Module):
 def _boxed_init(cfg: ModelConfig, rng):
   ids = jnp.zeros((1, 1), jnp.int32)
   mask = jnp.ones((1, 1, 1, 1, 1), bool)
+  # The parameters do not depend on the attention kernel; xla traces on any device.
+  cfg = dataclasses.replace(cfg, attention="xla")
   return Decoder(cfg).init(rng, ids, ids, mask)["params"]
 
 
@@ -136,21 +180,68 @@ def positions_from_mask(attention_mask):
   return jnp.maximum(jnp.cumsum(m, axis=1) - 1, 0)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("mesh", "rules"))
-def forward(cfg: ModelConfig, params, input_ids, attention_mask, *, mesh=None, rules=None):
+def _full_mask(attention_mask):
+  """[B,T] {0,1} -> [B,1,1,T,S=T] bool: causal, pad keys masked."""
+  t = attention_mask.shape[1]
+  valid = attention_mask.astype(bool)                                 # [B,T]
+  causal = jnp.tril(jnp.ones((t, t), bool))                           # [T,S=T]
+  return (causal[None] & valid[:, None, :])[:, None, None]            # [B,1,1,T,S]
+
+
+def _apply(cfg, params, input_ids, attention_mask, mesh, rules, return_hidden, lora,
+           lora_scale, lora_dropout, dropout_rng):
+  """Decoder over a (left-)padded batch, with optional LoRA adapters (see forward)."""
+  variables, rngs, run = {"params": params}, {}, None
+  if lora is not None:
+    variables[COLLECTION] = lora
+    run = AdapterRun(float(lora_scale), float(lora_dropout) if dropout_rng is not None
+                     else 0.0)
+    if return_hidden and "lm_head" in lora:
+      raise ValueError("an lm_head adapter is not applied by forward_hidden; merge it "
+                       "(lora.merge) or leave lm_head out of the LoRA targets")
+    if run.dropout > 0:
+      rngs["dropout"] = dropout_rng
+  out, _ = Decoder(cfg, mesh, rules, return_hidden=return_hidden, adapters=run).apply(
+      variables, input_ids, positions_from_mask(attention_mask),
+      _full_mask(attention_mask), rngs=rngs)
+  return out
+
+
+_STATIC = ("mesh", "rules", "lora_scale", "lora_dropout")
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=_STATIC)
+def forward(cfg: ModelConfig, params, input_ids, attention_mask, *, mesh=None, rules=None,
+            lora=None, lora_scale=1.0, lora_dropout=0.0, dropout_rng=None):
   """Logits of a (left-)padded batch.
 
   input_ids [B,T] int32; attention_mask [B,T] {0,1} -> logits [B,T,V] in cfg.dtype
   (cast to float32 before log_softmax). Attention is causal and skips pad keys.
   `mesh`/`rules` (optional) add sharding constraints on activations.
+
+  LoRA (optional): `lora` is the adapter tree of safecrs_jax.lora (lora_a [..,I,r],
+  lora_b [..,r,O] per target module); each adapted projection computes
+  x W + lora_scale * (dropout(x) A) B (models/adapters.py). Dropout with rate
+  `lora_dropout` (static) is applied only when `dropout_rng` (a key) is given; without
+  it the logits equal forward(lora.merge(params, lora, lora_scale)).
   """
-  t = input_ids.shape[1]
-  valid = attention_mask.astype(bool)                                 # [B,T]
-  causal = jnp.tril(jnp.ones((t, t), bool))                           # [T,S=T]
-  mask = (causal[None] & valid[:, None, :])[:, None, None]            # [B,1,1,T,S]
-  logits, _ = Decoder(cfg, mesh, rules).apply(
-      {"params": params}, input_ids, positions_from_mask(attention_mask), mask)
-  return logits
+  return _apply(cfg, params, input_ids, attention_mask, mesh, rules, False, lora,
+                lora_scale, lora_dropout, dropout_rng)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=_STATIC)
+def forward_hidden(cfg: ModelConfig, params, input_ids, attention_mask, *, mesh=None,
+                   rules=None, lora=None, lora_scale=1.0, lora_dropout=0.0,
+                   dropout_rng=None):
+  """Final (normed) hidden states of a (left-)padded batch; the output head is not run.
+
+  input_ids [B,T] int32; attention_mask [B,T] {0,1} -> hidden [B,T,D] in cfg.dtype.
+  hidden @ head.head_weight(cfg, params) equals forward()'s logits; use
+  head.chunked_token_logprobs / chunked_nll_sum so [B,T,V] is never materialised.
+  LoRA arguments as in forward (an lm_head adapter is refused: the head runs outside).
+  """
+  return _apply(cfg, params, input_ids, attention_mask, mesh, rules, True, lora,
+                lora_scale, lora_dropout, dropout_rng)
 
 
 # -- KV cache ------------------------------------------------------------------
@@ -177,15 +268,16 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, mesh=None, rules
   return jax.jit(make, out_shardings=out)()
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("mesh", "rules"))
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("mesh", "rules", "last_only"))
 def forward_cached(cfg: ModelConfig, params, input_ids, attention_mask, cache, *,
-                   mesh=None, rules=None):
+                   mesh=None, rules=None, last_only=False):
   """Runs T new tokens against the cache; returns (logits [B,T,V], cache').
 
   Prefill: ids [B,P] (left-padded), mask [B,P], empty cache. Decode: ids [B,1],
   mask ones [B,1]. Positions continue from each row's count of valid cached tokens;
   each new token attends to valid earlier slots and itself. The logits equal
-  forward() on the concatenated sequence.
+  forward() on the concatenated sequence. last_only=True (static) runs the output
+  head on the last position only and returns logits [B,1,V] (what a prefill needs).
   """
   b, t = input_ids.shape
   index = cache["index"]
@@ -199,6 +291,6 @@ def forward_cached(cfg: ModelConfig, params, input_ids, attention_mask, cache, *
   causal = jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slot[:, None]  # [T,S]
   mask = (causal[None] & slot_mask[:, None, :])[:, None, None]        # [B,1,1,T,S]
   kv = (cache["k"], cache["v"], jnp.int32(0), index)
-  logits, (k, v, _, _) = Decoder(cfg, mesh, rules).apply(
+  logits, (k, v, _, _) = Decoder(cfg, mesh, rules, last_only=last_only).apply(
       {"params": params}, input_ids, positions, mask, kv)
   return logits, {"k": k, "v": v, "mask": slot_mask, "index": index + t}

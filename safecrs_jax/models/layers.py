@@ -10,7 +10,7 @@ kernels are [in, out] (HF stores [out, in]).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -18,9 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from safecrs_jax import sharding as shd
+from safecrs_jax.models import adapters as adapters_lib
+from safecrs_jax.models import attention as attention_lib
 from safecrs_jax.models.config import ModelConfig
 
 Array = jax.Array
+# Tests only: run the splash kernel in Pallas interpret mode (any device, slow).
+SPLASH_INTERPRET = False
 
 
 def dtype_of(name: str):
@@ -88,16 +92,28 @@ class RMSNorm(nn.Module):
     return scale.astype(self.dtype) * y.astype(self.dtype)
 
 
+class Weights(NamedTuple):
+  """One projection: kernel [in, out], bias [out] or None, adapter (adapters.py) or None."""
+  kernel: Array
+  bias: Array | None
+  adapter: adapters_lib.Adapter | None = None
+
+
 class DenseParams(nn.Module):
-  """Declares kernel [in, out] (+ bias [out]) with logical names; returns them."""
+  """Declares kernel [in, out] (+ bias [out]) with logical names; returns Weights.
+
+  With `adapters` set and a LoRA adapter for this module in the "lora" collection,
+  the adapter (and, for dropout, a "dropout" rng) rides along in Weights.adapter.
+  """
   in_features: int
   features: int
   names: tuple                 # logical names of (in, out)
   cfg: ModelConfig
   use_bias: bool = False
+  adapters: Any = None         # adapters.AdapterRun, or None: no adapter code at all
 
   @nn.compact
-  def __call__(self):
+  def __call__(self) -> Weights:
     pdt = dtype_of(self.cfg.param_dtype)
     kernel = self.param("kernel", _init(self.cfg, self.names),
                         (self.in_features, self.features), pdt)
@@ -105,28 +121,39 @@ class DenseParams(nn.Module):
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(
           nn.initializers.zeros, self.names[1:]), (self.features,), pdt)
-    return kernel, bias
+    adapter = None
+    col = adapters_lib.COLLECTION
+    if self.adapters is not None and self.has_variable(col, "lora_a"):
+      run = self.adapters
+      rng = (self.make_rng("dropout") if run.dropout > 0 and self.has_rng("dropout")
+             else None)
+      adapter = adapters_lib.Adapter(self.get_variable(col, "lora_a"),
+                                     self.get_variable(col, "lora_b"), run, rng)
+    return Weights(kernel, bias, adapter)
 
 
 def dense(x: Array, weights: list, cfg: ModelConfig, fuse: bool) -> list:
-  """[x @ kernel (+ bias) for each (kernel, bias)] in cfg.dtype.
+  """[x @ kernel (+ bias) (+ adapter delta) for each Weights] in cfg.dtype.
 
   x is flattened to [rows, in] (one contracting dim, so the weight gradient is a plain
   GEMM on XLA:CPU, no transposed copy of the activations). fuse=True concatenates
-  the kernels and runs one wider matmul (q|k|v, gate|up).
+  the kernels and runs one wider matmul (q|k|v, gate|up); adapters are added per
+  projection (adapters.adapter_delta).
   """
   dt = dtype_of(cfg.dtype)
   x2 = x.reshape(-1, x.shape[-1])                                     # [rows, in]
   if fuse and len(weights) > 1:
-    sizes = [k.shape[1] for k, _ in weights]
-    kernel = jnp.concatenate([k for k, _ in weights], axis=1).astype(dt)
+    sizes = [w.kernel.shape[1] for w in weights]
+    kernel = jnp.concatenate([w.kernel for w in weights], axis=1).astype(dt)
     ys = jnp.split(jnp.dot(x2, kernel), np.cumsum(sizes)[:-1].tolist(), axis=1)
   else:
-    ys = [jnp.dot(x2, k.astype(dt)) for k, _ in weights]
+    ys = [jnp.dot(x2, w.kernel.astype(dt)) for w in weights]
   out = []
-  for y, (_, b) in zip(ys, weights):
-    if b is not None:
-      y = y + b.astype(dt)
+  for y, w in zip(ys, weights):
+    if w.bias is not None:
+      y = y + w.bias.astype(dt)
+    if w.adapter is not None:
+      y = y + adapters_lib.adapter_delta(x2, w.adapter, dt)
     out.append(y.reshape(*x.shape[:-1], y.shape[-1]))
   return out
 
@@ -157,6 +184,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
   mesh: Any = None
   rules: Any = None
+  adapters: Any = None         # adapters.AdapterRun or None
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, kv=None):
@@ -172,10 +200,11 @@ class Attention(nn.Module):
     dt = dtype_of(cfg.dtype)
     d = x.shape[-1]
     bias = cfg.attention_bias
+    ad = self.adapters
     q, kk, v = dense(x, [
-        DenseParams(d, n * h, ("embed", "heads"), cfg, bias, name="q_proj")(),
-        DenseParams(d, k * h, ("embed", "kv_heads"), cfg, bias, name="k_proj")(),
-        DenseParams(d, k * h, ("embed", "kv_heads"), cfg, bias, name="v_proj")(),
+        DenseParams(d, n * h, ("embed", "heads"), cfg, bias, ad, name="q_proj")(),
+        DenseParams(d, k * h, ("embed", "kv_heads"), cfg, bias, ad, name="k_proj")(),
+        DenseParams(d, k * h, ("embed", "kv_heads"), cfg, bias, ad, name="v_proj")(),
     ], cfg, cfg.fuse_projections)
     q = q.reshape(b, t, n, h)                                         # [B,T,N,H]
     kk = kk.reshape(b, t, k, h)                                       # [B,T,K,H]
@@ -202,12 +231,25 @@ class Attention(nn.Module):
     q = q * jnp.asarray(h ** -0.5, dt)
     kk = kk.astype(dt).transpose(0, 2, 1, 3)                          # [B,K,S,H]
     v = v.astype(dt).transpose(0, 2, 1, 3)                            # [B,K,S,H]
-    out = _attend(q, kk, v, mask, dt)                                 # [B,K,G,T,H]
+    out = self._attention(q, kk, v, mask, cached=kv is not None)      # [B,K,G,T,H]
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * h)           # [B,T,N*H]
     out = shd.constrain(out, ("act_batch", "act_length", "act_heads"), self.mesh, self.rules)
     (y,) = dense(out, [DenseParams(n * h, cfg.hidden_size, ("heads", "embed"), cfg,
-                                   cfg.attention_out_bias, name="o_proj")()], cfg, False)
+                                   cfg.attention_out_bias, self.adapters, name="o_proj")()],
+                 cfg, False)
     return y, kv
+
+
+  def _attention(self, q, k, v, mask, cached):
+    """q [B,K,G,T,H] pre-scaled; k, v [B,K,S,H]; mask [B,1,1,T,S] -> [B,K,G,T,H]."""
+    impl = "xla" if cached else attention_lib.resolve(self.cfg, self.mesh)
+    if impl == "cudnn":
+      return attention_lib.sdpa_attention(q, k, v, attention_lib.key_validity(mask))
+    if impl == "splash":
+      return attention_lib.splash_attention(q, k, v, attention_lib.key_validity(mask),
+                                            mesh=self.mesh, rules=self.rules,
+                                            interpret=SPLASH_INTERPRET)
+    return _attend(q, k, v, mask, dtype_of(self.cfg.dtype))
 
 
 class MLP(nn.Module):
@@ -215,19 +257,20 @@ class MLP(nn.Module):
   cfg: ModelConfig
   mesh: Any = None
   rules: Any = None
+  adapters: Any = None         # adapters.AdapterRun or None
 
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
     d, f = cfg.hidden_size, cfg.intermediate_size
     gate, up = dense(x, [
-        DenseParams(d, f, ("embed", "mlp"), cfg, name="gate_proj")(),
-        DenseParams(d, f, ("embed", "mlp"), cfg, name="up_proj")(),
+        DenseParams(d, f, ("embed", "mlp"), cfg, False, self.adapters, name="gate_proj")(),
+        DenseParams(d, f, ("embed", "mlp"), cfg, False, self.adapters, name="up_proj")(),
     ], cfg, cfg.fuse_projections)                                     # [B,T,F] each
     hmid = jax.nn.silu(gate) * up                                     # [B,T,F]
     hmid = shd.constrain(hmid, ("act_batch", "act_length", "act_mlp"), self.mesh, self.rules)
-    (y,) = dense(hmid, [DenseParams(f, d, ("mlp", "embed"), cfg, name="down_proj")()],
-                 cfg, False)
+    (y,) = dense(hmid, [DenseParams(f, d, ("mlp", "embed"), cfg, False, self.adapters,
+                                    name="down_proj")()], cfg, False)
     return y
 
 
@@ -236,6 +279,7 @@ class Block(nn.Module):
   cfg: ModelConfig
   mesh: Any = None
   rules: Any = None
+  adapters: Any = None         # adapters.AdapterRun or None
 
   @nn.compact
   def __call__(self, carry, cos, sin, mask):
@@ -243,10 +287,11 @@ class Block(nn.Module):
     cfg = self.cfg
     dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="input_layernorm")(x)
-    a, kv = Attention(cfg, self.mesh, self.rules, name="self_attn")(h, cos, sin, mask, kv)
+    a, kv = Attention(cfg, self.mesh, self.rules, self.adapters, name="self_attn")(
+        h, cos, sin, mask, kv)
     x = x + a
     h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="post_attention_layernorm")(x)
-    x = x + MLP(cfg, self.mesh, self.rules, name="mlp")(h)
+    x = x + MLP(cfg, self.mesh, self.rules, self.adapters, name="mlp")(h)
     x = shd.constrain(x, ("act_batch", "act_length", "act_embed"), self.mesh, self.rules)
     if kv is not None:
       cache_k, cache_v, layer, index = kv
