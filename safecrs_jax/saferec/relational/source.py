@@ -119,7 +119,7 @@ def analyse(rows, oracle) -> list[Source]:
     base, problem = None, None
     if not traits:
       traits = injection.most_violated_traits(ref, oracle, phrased)[:1] if ref else []
-      base = copy.deepcopy(row["prompt"])
+      base = copy.deepcopy(row["prompt"]) if traits else None
       problem = None if traits else NO_HAZARD
     elif any(t not in TRAIT_TEXT for t in traits):
       problem = NO_PHRASINGS
