@@ -47,7 +47,7 @@ from safecrs_jax.saferec.rewards import (
 )
 from safecrs_jax.saferec.traits import TRAITS, active_traits, constraint_masks
 
-_LAZY = ("mini", "tfds_builder")
+_LAZY = ("mini", "relational", "tfds_builder")
 
 
 def __getattr__(name):
