@@ -53,7 +53,7 @@ def paper_model(arg, preset, *, remat):
   c = build(stage=a.stage, model_preset=preset, model_dir=a.model_dir, data_dir=a.data_dir,
             tokenizer_path="")
   c.model.dtype = "bfloat16"     # bf16 compute, float32 master weights (param_dtype)
-  c.model.remat = remat
+  c.model.remat = "full" if remat is True else (remat or "none")
   c.model.scan_layers = True
   # Pure FSDP over every device suits 0.5B-8B on a pod slice or a GPU host; for
   # more chips than the batch allows, move devices to "data" (or "tensor").
@@ -76,7 +76,8 @@ def build(*, stage, model_preset="", model_dir="", data_dir=MINI,
   c.model.hf_dir = model_dir     # HF dir (config.json + safetensors); wins over preset
   c.model.dtype = "float32"      # compute dtype ("bfloat16" on TPU/GPU)
   c.model.param_dtype = "float32"  # master-weight dtype
-  c.model.remat = False          # rematerialise each decoder block
+  c.model.remat = "none"         # remat policy per decoder block: none | full | dots_no_batch | offload
+  c.model.attention = "auto"     # attention kernel: auto (splash on TPU, cuDNN on GPU) | xla | cudnn | splash
   c.model.scan_layers = True     # lax.scan over layers (False: unrolled, faster on CPU)
   c.model.overrides = ()         # ((field, value), ...) ModelConfig overrides for a preset
 

@@ -34,9 +34,9 @@ KINDS = ("hf", "step", "run")
 
 
 def numerics(config) -> dict:
-  """ModelConfig overrides a run config sets: dtype, param_dtype, remat, scan_layers."""
+  """ModelConfig overrides a run config sets: dtype, param_dtype, remat, scan_layers, attention."""
   over = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-              remat=bool(config.model.remat))
+              remat=config.model.remat, attention=config.model.get("attention", "auto"))
   if config.model.get("scan_layers", None) is not None:
     over["scan_layers"] = bool(config.model.scan_layers)
   return over
