@@ -40,7 +40,7 @@ def main(argv=None):
   dp = len(jax.devices())
   if args.prompts % dp:
     raise SystemExit(f"--prompts {args.prompts} must divide by the {dp} devices")
-  c.gdpo.batch_size = args.prompts // dp
+  c.gdpo.batch_size = args.prompts * args.group // dp   # completions per device
   c.gdpo.grad_accum = args.accum
   c.gdpo.group_size = args.group
   c.gdpo.max_completion_length = args.new

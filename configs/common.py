@@ -41,7 +41,7 @@ def parse_arg(arg, **defaults):
   return out
 
 
-def paper_model(arg, preset, *, remat):
+def paper_model(arg, preset, *, remat, gdpo_lr_drop=None):
   """Config for one of the paper's models (qwen25 / llama32 / llama31 files).
 
   arg: stage=sft|gdpo, data_dir= (released SafeRec root; required to train),
@@ -59,6 +59,8 @@ def paper_model(arg, preset, *, remat):
   # more chips than the batch allows, move devices to "data" (or "tensor").
   c.mesh.shape = (("data", 1), ("fsdp", -1), ("tensor", 1))
   c.gdpo.init_checkpoint = a.init
+  if a.stage == "gdpo" and gdpo_lr_drop:   # reference: 1e-7 from step 8000 for 3B / 8B
+    c.optim.lr_drop_step, c.optim.lr_drop_to = gdpo_lr_drop
   return c
 
 
@@ -117,7 +119,7 @@ def build(*, stage, model_preset="", model_dir="", data_dir=MINI,
   c.sft.grad_accum = 8           # micro-batches per optimizer step (scanned in the step)
   c.sft.eval_every = 200         # steps between validation-loss passes
   c.sft.eval_batches = 20        # validation micro-batches per pass (-1 = whole split)
-  c.sft.curate = True            # curate targets with the oracle (drop unsafe items, <reasoning>)
+  c.sft.curate = False           # reference: released completions verbatim; True = re-curate with the oracle
   c.sft.reasoning = True         # keep the <reasoning> block in curated targets
   c.sft.lora = ml_collections.ConfigDict()
   c.sft.lora.rank = 0            # 0 = full fine-tuning
@@ -128,15 +130,18 @@ def build(*, stage, model_preset="", model_dir="", data_dir=MINI,
   c.gdpo = ml_collections.ConfigDict()
   c.gdpo.init_checkpoint = ""    # Safe-SFT result: orbax run dir / step dir, or HF dir
   c.gdpo.num_steps = 1000        # loop steps: one prompt batch each, mu optimizer updates per step
-  c.gdpo.batch_size = 4          # prompts per device per micro-batch
+  c.gdpo.batch_size = 4          # per device per micro-batch, in gdpo.batch_unit
+  c.gdpo.batch_unit = "completions"  # reference (TRL): batch_size counts completions; "prompts": x G
   c.gdpo.grad_accum = 8          # micro-batches per optimizer step
   c.gdpo.group_size = 8          # G rollouts per prompt
   c.gdpo.temperature = 1.0       # sampling temperature for rollouts
   c.gdpo.top_p = 1.0             # nucleus sampling (1.0 = off)
   c.gdpo.top_k = 0               # top-k sampling (0 = off)
-  c.gdpo.max_prompt_length = 2048     # prompts cut from the left beyond this
+  c.gdpo.max_prompt_length = 7168     # generation context 8192 - completion 1024: no cut in practice
   c.gdpo.max_completion_length = 1024  # new tokens per rollout
-  c.gdpo.prompt_buckets = (256, 512, 1024, 2048)  # padded prompt lengths
+  c.gdpo.prompt_buckets = (256, 512, 1024, 2048, 4096, 7168)  # padded prompt lengths
+  c.gdpo.rollout_chunks = 0      # rollout calls per loop step (0 = one per micro-batch when whole
+                                 # groups fit, else one for the step)
   c.gdpo.mu = 1                  # policy iterations per rollout batch (1 = on-policy)
   c.gdpo.beta = 1e-3             # KL(k3) weight to the frozen SFT reference; 0 = no reference
   c.gdpo.eps_low = 0.2           # clip range below 1
@@ -158,8 +163,8 @@ def build(*, stage, model_preset="", model_dir="", data_dir=MINI,
   c.eval.split = "test"          # split to evaluate
   c.eval.batch_size = 16         # prompts per generation batch (global)
   c.eval.max_new_tokens = 1024   # greedy decoding budget
-  c.eval.max_prompt_length = 2048  # prompts cut from the left beyond this
-  c.eval.prompt_buckets = (256, 512, 1024, 2048)  # padded prompt lengths (one compile each)
+  c.eval.max_prompt_length = 7168  # prompts cut from the left beyond this (counted, reported)
+  c.eval.prompt_buckets = (256, 512, 1024, 2048, 4096, 7168)  # padded prompt lengths (one compile each)
   c.eval.ks = (5, 10, 20)        # cut-offs for every metric
   c.eval.max_rows = -1           # evaluate only the first N rows (-1 = all)
 
@@ -172,6 +177,8 @@ def build(*, stage, model_preset="", model_dir="", data_dir=MINI,
     c.optim.eps = 1e-8           # Adam epsilon
     c.optim.weight_decay = 0.0   # AdamW decoupled weight decay
     c.optim.grad_clip = 1.0      # global-norm clip (0 = off)
+    c.optim.lr_drop_step = -1    # from this update on, lr = lr_drop_to (-1 = never)
+    c.optim.lr_drop_to = 0.0
   else:
     c.optim.lr = 1e-6
     c.optim.schedule = "constant"
@@ -181,4 +188,6 @@ def build(*, stage, model_preset="", model_dir="", data_dir=MINI,
     c.optim.eps = 1e-8
     c.optim.weight_decay = 0.0
     c.optim.grad_clip = 1.0
+    c.optim.lr_drop_step = -1    # llama31 / llama32 set 8000 -> 1e-7 (the reference recipe)
+    c.optim.lr_drop_to = 0.0
   return c

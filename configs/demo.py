@@ -31,6 +31,7 @@ def get_config(arg=None):
   # The tiny model spends its few minutes on the lists instead of on
   # reproducing a long reasoning preamble (the paper-size configs keep it).
   c.sft.reasoning = False
+  c.sft.curate = True                # SafeRec-mini ships the teacher's lists; curate them
   c.tokenizer.max_length = 256
   c.tokenizer.buckets = (128, 256)
 
@@ -50,7 +51,7 @@ def get_config(arg=None):
   c.log.every = 10 if a.stage == "sft" else 5
 
   c.gdpo.num_steps = 40              # ~1.5 minutes on 2 CPU cores
-  c.gdpo.batch_size = 8              # prompts per step
+  c.gdpo.batch_size = 32             # completions per step: 8 prompts x G = 4
   c.gdpo.grad_accum = 1
   c.gdpo.group_size = 4
   c.gdpo.max_prompt_length = 128

@@ -12,4 +12,4 @@ from configs import common
 
 
 def get_config(arg=None):
-  return common.paper_model(arg, "llama-3.1-8b", remat=True)
+  return common.paper_model(arg, "llama-3.1-8b", remat=True, gdpo_lr_drop=(8000, 1e-7))

@@ -2,12 +2,17 @@ r"""Evaluates checkpoints on a SafeRec split (greedy decoding, every metric).
 
   python -m launch.evaluate --config=configs/demo.py:stage=sft \
       --checkpoint=runs/sft [--steps=100,200] [--split=test] --workdir=runs/eval
+  python -m launch.evaluate --config=configs/demo.py:stage=sft \
+      --runs=sft=runs/sft,gdpo=runs/gdpo,grpo=runs/grpo --workdir=runs/compare
 
 --checkpoint takes a run directory (every saved step, or --steps), one orbax
 step directory (<run>/checkpoints/<step>) or a Hugging Face directory. Each
 checkpoint gets report.json, generations.jsonl and raw_generations.jsonl under
 <workdir>/<split>/<name>/; several steps also get metrics.csv, plots/ and
-comparison.md. Re-running an interrupted command resumes it.
+comparison.md. --runs evaluates the latest checkpoint of each named run
+(any of the same kinds) into <workdir>/<name>/ and writes one comparison table
+and one plot for all of them under <workdir>/<split>/. Re-running an
+interrupted command resumes it.
 """
 from absl import app
 from absl import flags
@@ -21,21 +26,43 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Run dir, orbax step dir, or Hugging Face dir to evaluate.")
+_RUNS = flags.DEFINE_list(
+    "runs", None, "name=path,...: compare the latest checkpoint of several runs.")
 _STEPS = flags.DEFINE_list("steps", None, "Only these steps of a run dir (default: all).")
 _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: config eval.split).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where reports and generations go.")
-flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _named_runs(items):
+  named = {}
+  for item in items:
+    name, sep, path = item.partition("=")
+    if not sep or not name or not path:
+      raise app.UsageError(f"--runs entry {item!r} is not name=path")
+    if name in named:
+      raise app.UsageError(f"--runs names {name!r} twice")
+    named[name] = path
+  return named
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if bool(_CHECKPOINT.value) == bool(_RUNS.value):
+    raise app.UsageError("give exactly one of --checkpoint and --runs")
+  if _RUNS.value and _STEPS.value:
+    raise app.UsageError("--steps applies to --checkpoint only (--runs takes each latest step)")
   sharding.maybe_initialize_distributed()
-  reports = evaluation.evaluate(_CONFIG.value, _CHECKPOINT.value, split=_SPLIT.value,
-                                workdir=_WORKDIR.value, steps=_STEPS.value)
-  names = {r["checkpoint"]["name"]: r for r in reports}
+  if _RUNS.value:
+    named = evaluation.compare(_CONFIG.value, _named_runs(_RUNS.value), split=_SPLIT.value,
+                               workdir=_WORKDIR.value)
+  else:
+    reports = evaluation.evaluate(_CONFIG.value, _CHECKPOINT.value, split=_SPLIT.value,
+                                  workdir=_WORKDIR.value, steps=_STEPS.value)
+    named = {r["checkpoint"]["name"]: r for r in reports}
   if sharding.is_main_process():
-    print(evaluation.comparison_table(names))
+    print(evaluation.comparison_table(named))
 
 
 if __name__ == "__main__":

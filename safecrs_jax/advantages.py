@@ -11,7 +11,11 @@ scored per completion (rec_num).
         within its group, A = Σ_r w_r Â_r, then A normalised over the batch.
   grpo  r = Σ_r w_r r_r, then A = (r - mean_G(r)) / (std_G(r) + ADV_EPS).
   rank  per-rank rewards [B, R, I]: each reward normalised per group *and per
-        rank*, then the weighted sum over rewards -> [B, I] (Rank-GRPO).
+        rank*, the weighted sum over rewards, then one normalisation over every
+        (row, rank) entry of the batch -> [B, I] (the reference's GDPO branch of
+        Rank-GRPO).
+  rank_no_batch_norm  the same without the final batch step (this project's
+        earlier rank mode).
 std is the unbiased (n - 1) estimate, as in the reference trainers.
 
 Missing rewards (NaN) — one rule everywhere: a missing entry carries no
@@ -69,10 +73,18 @@ def grpo_advantages(r, valid, weights, group_size):
   return _masked_group_normalise(filled @ weights, valid.any(-1), group_size)
 
 
-def rank_advantages(r, valid, weights, group_size):
+def rank_advantages_no_batch_norm(r, valid, weights, group_size):
   """[B, R, I] per-rank rewards -> [B, I]: normalised per group and rank, weighted sum."""
   norm = _masked_group_normalise(r, valid, group_size)
   return jnp.einsum("bri,r->bi", norm, weights)
+
+
+def rank_advantages(r, valid, weights, group_size):
+  """rank_advantages_no_batch_norm, then normalised over all present (row, rank) entries."""
+  combined = rank_advantages_no_batch_norm(r, valid, weights, group_size)     # [B, I]
+  present = valid.any(1).reshape(-1)                                          # [B*I]
+  flat = _masked_group_normalise(combined.reshape(-1), present, present.shape[0])
+  return flat.reshape(combined.shape)
 
 
 # name -> (function, rewards rank it takes: [B, R] = 2, [B, R, I] = 3)
@@ -80,6 +92,7 @@ ADVANTAGES = {
     "gdpo": (gdpo_advantages, 2),
     "grpo": (grpo_advantages, 2),
     "rank": (rank_advantages, 3),
+    "rank_no_batch_norm": (rank_advantages_no_batch_norm, 3),
 }
 ADVANTAGE_MODES = tuple(ADVANTAGES)
 

@@ -22,12 +22,8 @@ import os
 import time
 
 import jax
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after selecting the headless backend)
-
-from configs import demo as demo_config  # noqa: E402
+from configs import demo as demo_config
 
 from safecrs_jax import assets
 from safecrs_jax import evaluation
@@ -173,7 +169,7 @@ def run(workdir, *, size="tiny", overrides=None, progress=True, eval_rows=-1):
   md = evaluation.comparison_table(reports, evaluation.HEADLINE)
   plot = os.path.join(eval_dir, "models.png")
   if jax.process_index() == 0:
-    plot_models(table, plot)
+    evaluation.plot_models(table, plot)
   summary = {"table": {n: {k: table[n][k] for k in evaluation.HEADLINE} for n in ROWS},
              "verdict_ok": ok, "verdict": message, "timings_s": timings,
              "total_s": time.time() - t0, "workdir": workdir,
@@ -189,21 +185,6 @@ def run(workdir, *, size="tiny", overrides=None, progress=True, eval_rows=-1):
       f.write(md + "\n\n" + message + "\n")
   summary["markdown"] = md
   return summary
-
-
-def plot_models(table, path):
-  """Bar charts of the headline metrics, one bar per model."""
-  keys = evaluation.HEADLINE
-  fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3))
-  for ax, k in zip(axes, keys):
-    ax.bar(list(table), [table[n][k] for n in table], color=["#999", "#4c72b0", "#55a868",
-                                                            "#c44e52"][:len(table)])
-    ax.set_title(k)
-    ax.tick_params(axis="x", labelrotation=30)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
 
 
 def _last_step(run_checkpoints):

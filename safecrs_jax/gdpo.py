@@ -15,11 +15,11 @@ and `train` hands the Run to train_loop.run_loop (logging, checkpoints,
 preemption). Resuming replays the same trajectory: prompt order from (seed,
 epoch) permutations, rollout keys fold_in(seed key, loop step, chunk).
 
-Shape letters (package legend): a loop step rolls out A = grad_accum chunks
-of `micro_prompts` = batch_size x (data-parallel devices) prompts, G samples
-each: rollout arrays are [A, B, ...] with B = micro_prompts x G rows, a group =
-G consecutive rows; R rewards; I ranked items (rec_num); P prompt tokens;
-T completion tokens.
+Shape letters (package legend): a loop step rolls out step_prompts prompts,
+G samples each (a group = G consecutive rows), and the learner takes them as
+A = grad_accum micro-batches of B = micro_rows rows (`batch_geometry`):
+rollout arrays are [A, B, ...]; R rewards; I ranked items (rec_num); P prompt
+tokens; T completion tokens.
 """
 import functools
 import os
@@ -72,6 +72,42 @@ def check_config(g):
   return per_rank
 
 
+BATCH_UNITS = ("completions", "prompts")
+
+
+def batch_geometry(g, dp):
+  """How a loop step's rollouts are generated and cut into learner micro-batches.
+
+  g: the gdpo config section; dp: data-parallel devices. gdpo.batch_size counts
+  completions per device per micro-batch (batch_unit "completions", TRL's
+  per_device_train_batch_size, the reference: 4 x 8 accumulation with G = 8 is
+  4 prompts per device per optimizer step) or prompts (batch_unit "prompts":
+  batch_size x G completions). Returns group, accum (A), micro_rows (global
+  rows per micro-batch), step_prompts, and the rollout chunks: one call per
+  micro-batch when each holds whole groups sharded evenly, else one call for
+  the step (gdpo.rollout_chunks > 0 forces a count).
+  """
+  group, accum, unit = int(g.group_size), int(g.grad_accum), str(g.get("batch_unit", "prompts"))
+  if unit not in BATCH_UNITS:
+    raise ValueError(f"gdpo.batch_unit must be one of {BATCH_UNITS}, got {unit!r}")
+  micro_rows = int(g.batch_size) * dp * (group if unit == "prompts" else 1)
+  if (micro_rows * accum) % group:
+    raise ValueError(f"gdpo: {micro_rows * accum} completions per step (batch_size "
+                     f"{int(g.batch_size)} x {dp} devices x grad_accum {accum}) are not whole "
+                     f"groups of group_size={group}")
+  step_prompts = micro_rows * accum // group
+  chunks = int(g.get("rollout_chunks", 0))
+  if chunks <= 0:
+    whole = micro_rows % group == 0 and (micro_rows // group) % dp == 0
+    chunks = accum if whole else 1
+  if step_prompts % chunks or (step_prompts // chunks) % dp:
+    raise ValueError(f"gdpo: {step_prompts} prompts per step do not split into {chunks} rollout "
+                     f"chunks of a multiple of {dp} devices; change gdpo.rollout_chunks, "
+                     "batch_size or grad_accum")
+  return {"group": group, "accum": accum, "micro_rows": micro_rows,
+          "step_prompts": step_prompts, "chunks": chunks, "chunk_prompts": step_prompts // chunks}
+
+
 def rollout_svr(violations, lengths):
   """[B] per-rollout violation ratio: violating items / items (0 for an empty list)."""
   v = np.asarray(violations).sum(1)
@@ -100,6 +136,7 @@ class Run:
   def __init__(self, config, workdir):
     self.config, self.workdir = config, os.path.abspath(workdir)
     self.summary = {"history": []}   # train() replaces it with the full summary
+    self.notify = print               # train() routes notices through the progress bar
     g = self.gcfg = config.gdpo
     self.per_rank = check_config(g)
     self.loss_cfg, self.mu = loss_config(g), int(g.mu)
@@ -126,16 +163,16 @@ class Run:
     self._jit_steps()
 
   def _batch_geometry(self):
-    g = self.gcfg
-    self.group = int(g.group_size)
-    self.micro_prompts = int(g.batch_size) * shd.data_parallel_size(self.mesh)
-    self.accum = int(g.grad_accum)
-    self.step_prompts = self.micro_prompts * self.accum
+    geo = batch_geometry(self.gcfg, shd.data_parallel_size(self.mesh))
+    self.group, self.accum = geo["group"], geo["accum"]
+    self.micro_rows, self.step_prompts = geo["micro_rows"], geo["step_prompts"]
+    self.chunks, self.chunk_prompts = geo["chunks"], geo["chunk_prompts"]
     self.steps_per_epoch = len(self.rows) // self.step_prompts
     if self.steps_per_epoch == 0:
       raise ValueError(f"{len(self.rows)} GDPO prompts < one step of {self.step_prompts} "
-                       "(batch_size x devices x grad_accum); lower gdpo.batch_size / grad_accum")
-    self.num_steps = self.total_steps = int(g.num_steps)
+                       "(gdpo.batch_size x devices x grad_accum, see gdpo.batch_unit); lower "
+                       "gdpo.batch_size / grad_accum")
+    self.num_steps = self.total_steps = int(self.gcfg.num_steps)
 
   def _build_state(self, params):
     """Restores the latest checkpoint, or starts from `params`; keeps the reference."""
@@ -180,33 +217,40 @@ class Run:
 
   # -- pieces of one loop step -------------------------------------------------
   def prompt_indices(self, step):
-    """[A, micro_prompts] row indices of loop step `step` (epoch permutation, drop-last)."""
+    """[chunks, chunk_prompts] row indices of loop step `step` (epoch permutation, drop-last)."""
     epoch, index = divmod(int(step), self.steps_per_epoch)
     perm = loop.epoch_permutation(self.config.seed, epoch, len(self.rows))
     return perm[index * self.step_prompts:(index + 1) * self.step_prompts].reshape(
-        self.accum, self.micro_prompts)
+        self.chunks, self.chunk_prompts)
 
   def generate(self, params, idx, step):
-    """Rollouts of the prompts idx [A, b]: dict of [A, b·G, ...] numpy arrays."""
+    """Rollouts of the prompts idx [chunks, c]: dict of [A, micro_rows, ...] numpy arrays.
+
+    The step's prompts·G rollouts (a group = G consecutive rows) are cut into
+    the A learner micro-batches of micro_rows rows; a group may span two.
+    """
     g = self.gcfg
     flat = [self.rows[i]["prompt"] for i in idx.reshape(-1)]
     pb = tokens.encode_prompts(self.tokenizer, flat, max_prompt_length=int(g.max_prompt_length),
                                buckets=tuple(g.prompt_buckets))
-    p_ids = pb.input_ids.reshape(self.accum, self.micro_prompts, -1)
-    p_mask = pb.attention_mask.reshape(self.accum, self.micro_prompts, -1)
+    if pb.num_truncated:
+      self.notify(f"gdpo: step {step}: {pb.num_truncated} of {len(flat)} prompts were longer "
+                  f"than gdpo.max_prompt_length={int(g.max_prompt_length)} and cut from the left")
+    p_ids = pb.input_ids.reshape(self.chunks, self.chunk_prompts, -1)
+    p_mask = pb.attention_mask.reshape(self.chunks, self.chunk_prompts, -1)
     outs = []
-    for a in range(self.accum):
-      key = jax.random.fold_in(jax.random.fold_in(self.root_key, step), a)
-      outs.append(rollout.generate(
-          self.model_cfg, params, shd.to_global(p_ids[a], self.prompt_sharding),
-          shd.to_global(p_mask[a], self.prompt_sharding), key, self.sampling,
-          mesh=self.mesh, rules=self.rules))
-    host = [jax.tree.map(shd.to_host, r) for r in outs]
-    stack = lambda f: np.stack([getattr(h, f) for h in host])   # noqa: E731
-    return {"prompt_ids": np.repeat(p_ids, self.group, axis=1),
-            "prompt_mask": np.repeat(p_mask, self.group, axis=1),
-            "completion_ids": stack("tokens"), "completion_mask": stack("mask"),
-            "old_logp": stack("logprobs"), "truncated_prompts": pb.num_truncated}
+    for c in range(self.chunks):
+      key = jax.random.fold_in(jax.random.fold_in(self.root_key, step), c)
+      outs.append(jax.tree.map(shd.to_host, rollout.generate(
+          self.model_cfg, params, shd.to_global(p_ids[c], self.prompt_sharding),
+          shd.to_global(p_mask[c], self.prompt_sharding), key, self.sampling,
+          mesh=self.mesh, rules=self.rules)))
+    shape = lambda x: x.reshape((self.accum, self.micro_rows) + x.shape[1:])   # noqa: E731
+    rows = lambda f: shape(np.concatenate([getattr(o, f) for o in outs]))     # noqa: E731
+    return {"prompt_ids": shape(np.repeat(pb.input_ids, self.group, axis=0)),
+            "prompt_mask": shape(np.repeat(pb.attention_mask, self.group, axis=0)),
+            "completion_ids": rows("tokens"), "completion_mask": rows("mask"),
+            "old_logp": rows("logprobs"), "truncated_prompts": pb.num_truncated}
 
   def score(self, batch, idx):
     """Rewards of a rollout batch: (rewards [B, R] or [B, R, I], texts, rollout metrics)."""
@@ -328,6 +372,7 @@ def train(config, workdir):
   run.summary = summary = {"workdir": run.workdir, "start_step": run.start_step,
                            "history": [], "preempted": False}
   with loop.Books(run.workdir, config.log, run.num_steps, run.start_step, "gdpo") as books:
+    run.notify = books.progress.write
     books.progress.write(
         f"gdpo: {len(run.rows)} prompts, {run.num_steps} steps of {run.step_prompts} prompts "
         f"x G={run.group}, mu={run.mu}, advantages={config.gdpo.advantage_mode}"

@@ -5,7 +5,9 @@ decoupled weight decay (applied to matrices only, never to norms or biases)
 behind global-norm clipping, and the schedule so the driver can log the
 learning rate of every step. Schedules follow the Hugging Face Trainer (the
 paper's reference): linear warmup from 0 over `ceil(warmup_ratio * total)`
-steps, then cosine to 0 at `total_steps`, or constant.
+steps, then cosine to 0 at `total_steps`, or constant. `lr_drop_step` >= 0
+switches to the constant `lr_drop_to` from that update on (the reference
+Safe-GDPO recipe for the 3B / 8B models: 1e-6, then 1e-7 from step 8000).
 """
 import math
 
@@ -40,9 +42,13 @@ def make_schedule(optim_cfg, total_steps):
     after = optax.linear_schedule(lr, 0.0, decay)
   else:
     after = optax.cosine_decay_schedule(lr, decay, alpha=0.0)
-  if warm == 0:
-    return after
-  return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), after], [warm])
+  sched = after if warm == 0 else optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, warm), after], [warm])
+  drop = int(optim_cfg.get("lr_drop_step", -1))
+  if drop < 0:
+    return sched
+  return optax.join_schedules(
+      [sched, optax.constant_schedule(float(optim_cfg.get("lr_drop_to", 0.0)))], [drop])
 
 
 def decay_mask(params):

@@ -182,3 +182,24 @@ def test_launch_evaluate_entry_point(setup):
   assert "| base |" in proc.stdout
   report = json.load(open(work / "validation" / "base" / evaluation.REPORT))
   assert report["split"] == "validation" and report["metrics"]["num_rows"] == 4
+
+
+def test_compare_runs_side_by_side_and_counts_cut_prompts(setup):
+  """evaluation.compare (launch.evaluate --runs): one table and one plot for several runs."""
+  root, config, base = setup
+  other_cfg = _config(root / "assets", max_rows=3, max_prompt_length=16, prompt_buckets=(16,))
+  other_cfg.seed = 1
+  other = demo.export_base(other_cfg, str(root / "other"))
+  work = root / "compare"
+  reports = evaluation.compare(other_cfg, {"seed0": base, "seed1": other}, workdir=str(work),
+                               progress=False)
+  assert list(reports) == ["seed0", "seed1"]
+  table = (work / "test" / "comparison.md").read_text()
+  assert "| seed0 |" in table and "| seed1 |" in table
+  assert (work / "test" / "models.png").stat().st_size > 0
+  for name, rep in reports.items():
+    assert rep["metrics"]["num_rows"] == 3
+    gen = rep["generation"]
+    # every SafeRec-mini prompt is longer than 16 tokens: all are cut, and counted
+    assert gen["truncated_prompts"] == gen["distinct_prompts"] == 3, name
+    assert os.path.exists(work / name / "test" / rep["checkpoint"]["name"] / evaluation.REPORT)

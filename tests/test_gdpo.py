@@ -101,10 +101,11 @@ def test_nan_rewards_are_missing():
   np.testing.assert_allclose(d["reward_missing"], [5 / 8, 6 / 8])
 
 
-def test_rank_mode():
+def test_rank_mode_without_batch_norm():
+  # (the reference "rank" adds a batch step: tests/test_fidelity.py)
   # 2 groups x 2 rollouts, 1 reward, 3 ranks; normalised per group and rank.
   r = np.array([[[1.0, 0.0, 0.5]], [[0.0, 0.0, 1.5]], [[2.0, 1.0, 1.0]], [[0.0, 3.0, np.nan]]])
-  adv = advs(r, 2, mode="rank")
+  adv = advs(r, 2, mode="rank_no_batch_norm")
   assert adv.shape == (4, 3)
   for g in range(2):
     for k in range(3):
@@ -115,8 +116,8 @@ def test_rank_mode():
         np.testing.assert_allclose(adv[2 * g:2 * g + 2, k], _np_group_norm(col, 2), rtol=1e-5)
   w = np.array([1.0, 2.0])
   r2 = np.concatenate([r, 0.5 * r], 1)  # [4, 2, 3]
-  want = adv + 2 * advs(0.5 * r, 2, mode="rank")
-  np.testing.assert_allclose(advs(r2, 2, w, "rank"), want, rtol=1e-5)
+  want = adv + 2 * advs(0.5 * r, 2, mode="rank_no_batch_norm")
+  np.testing.assert_allclose(advs(r2, 2, w, "rank_no_batch_norm"), want, rtol=1e-5)
   assert "collapse_rank" in diag(r2, 2, w)
 
 

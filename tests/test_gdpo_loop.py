@@ -69,7 +69,7 @@ def demo_gdpo_config(init_checkpoint, **over):
   c = demo.get_config("stage=gdpo,size=test")
   c.gdpo.init_checkpoint = init_checkpoint
   c.gdpo.num_steps = 60
-  c.gdpo.batch_size = 4
+  c.gdpo.batch_size = 32             # completions: 4 prompts x G = 8
   c.gdpo.grad_accum = 1
   c.gdpo.group_size = 8
   c.gdpo.max_prompt_length = 96
@@ -118,7 +118,7 @@ def test_gdpo_lowers_rollout_svr_keeps_relevance(sft_run, tmp_path):
 
 def _smoke_config(init, workdir_steps, **over):
   return demo_gdpo_config(init, **{"gdpo.num_steps": workdir_steps, "gdpo.group_size": 2,
-                                   "gdpo.batch_size": 2, "gdpo.max_completion_length": 12,
+                                   "gdpo.batch_size": 4, "gdpo.max_completion_length": 12,
                                    "gdpo.advantage_mode": "rank", "gdpo.rewards": ("relevance", "safety"),
                                    "gdpo.reward_weights": (1.0, 1.0), "log.every": 1, **over})
 
@@ -143,7 +143,7 @@ def test_launch_entry_point(sft_run, tmp_path):
   cmd = [sys.executable, "-m", "launch.train_gdpo",
          "--config=configs/demo.py:stage=gdpo,size=test", f"--workdir={work}",
          f"--config.gdpo.init_checkpoint={sft_run}", "--config.gdpo.num_steps=2",
-         "--config.gdpo.group_size=2", "--config.gdpo.batch_size=2",
+         "--config.gdpo.group_size=2", "--config.gdpo.batch_size=4",
          "--config.gdpo.max_completion_length=8", "--config.gdpo.advantage_mode=grpo",
          "--config.log.every=1", "--config.log.progress=false",
          "--config.log.tensorboard=false"]

@@ -74,6 +74,9 @@ def test_readme_opens_with_the_two_fresh_machine_commands():
   assert test_cmd.startswith('pip install -e ".[test]" && python -m pytest')
   ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
   assert test_cmd.split(" && ", 1)[1] in ci.splitlines()
+  # the first command runs in its own venv holding only the plain install (no test extra)
+  plain = ci[ci.index("python -m venv"):ci.index('pip install -q -e ".[test]"')]
+  assert 'pip install -q -e "$OLDPWD"' in plain and "python -m launch.demo" in plain
 
 
 def test_every_readme_launch_command_parses():

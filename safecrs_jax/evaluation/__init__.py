@@ -12,6 +12,7 @@ from safecrs_jax.evaluation.report import (
     comparison_table,
     dataset_fingerprint,
     plot_metrics,
+    plot_models,
     score,
     write_run_summary,
 )
@@ -20,6 +21,7 @@ from safecrs_jax.evaluation.runner import (
     RAW,
     REPORT,
     Target,
+    compare,
     evaluate,
     evaluate_target,
     load_eval_data,
@@ -27,7 +29,7 @@ from safecrs_jax.evaluation.runner import (
 )
 
 __all__ = [
-    "GENERATIONS", "HEADLINE", "RAW", "REPORT", "Target", "comparison_table",
+    "GENERATIONS", "HEADLINE", "RAW", "REPORT", "Target", "compare", "comparison_table",
     "dataset_fingerprint", "evaluate", "evaluate_target", "generate_texts", "load_eval_data",
-    "plot_metrics", "resolve_targets", "score", "unique_prompts", "write_run_summary",
+    "plot_metrics", "plot_models", "resolve_targets", "score", "unique_prompts", "write_run_summary",
 ]

@@ -2,6 +2,7 @@
 
     metrics, records = score(texts, rows, oracle, catalog, ks)
     write_run_summary(reports, out_dir)         # metrics.csv, plots/, comparison.md
+    plot_models({"sft": metrics, ...}, path)    # one bar per model
     print(comparison_table({"sft": report, ...}))
 """
 import csv
@@ -87,6 +88,24 @@ def plot_metrics(reports, plot_dir, keys):
     plt.close(fig)
     paths.append(path)
   return paths
+
+
+_COLORS = ("#999999", "#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974", "#64b5cd")
+
+
+def plot_models(table, path):
+  """Bar charts of the headline metrics, one bar per model ({name: metrics})."""
+  keys = HEADLINE
+  fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3))
+  for ax, k in zip(axes, keys):
+    colors = [_COLORS[i % len(_COLORS)] for i in range(len(table))]
+    ax.bar(list(table), [table[n][k] for n in table], color=colors)
+    ax.set_title(k)
+    ax.tick_params(axis="x", labelrotation=30)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
 
 
 def _fmt(key, value):

@@ -77,6 +77,8 @@ def _generation_stats(done, num_prompts, t0):
   return {
       "distinct_prompts": num_prompts,
       "truncated_completions": int(sum(not done[i]["stopped"] for i in range(num_prompts))),
+      "truncated_prompts": int(sum(bool(done[i].get("prompt_truncated"))
+                                   for i in range(num_prompts))),
       "mean_completion_tokens": float(np.mean([done[i]["num_tokens"]
                                                for i in range(num_prompts)])),
       "seconds": round(time.time() - t0, 3),
@@ -111,6 +113,10 @@ def evaluate_target(config, target, rows, oracle, catalog, out_dir, *, mesh=None
       rules=rules, progress=progress, desc=f"eval {target.name}", max_batches=max_batches)
   if len(done) < len(prompts):
     return None  # interrupted on purpose (max_batches)
+  stats = _generation_stats(done, len(prompts), t0)
+  if stats["truncated_prompts"] and jax.process_index() == 0:
+    print(f"eval {target.name}: {stats['truncated_prompts']} of {len(prompts)} prompts were "
+          f"longer than eval.max_prompt_length={int(ev.max_prompt_length)} and cut from the left")
   texts = [done[row_to_prompt[n]]["text"] for n in range(len(rows))]
   metrics, recs = rep.score(texts, rows, oracle, catalog, tuple(ev.ks))
   report = {
@@ -119,7 +125,7 @@ def evaluate_target(config, target, rows, oracle, catalog, out_dir, *, mesh=None
       "split": ev.split,
       "dataset_fingerprint": rep.dataset_fingerprint(rows),
       "metrics": metrics,
-      "generation": _generation_stats(done, len(prompts), t0),
+      "generation": stats,
       "sampling": dataclasses.asdict(sampling),
       "config": json.loads(config.to_json_best_effort()),
   }
@@ -161,4 +167,34 @@ def evaluate(config, checkpoint_path, *, split=None, workdir, steps=None, mesh=N
                                    mesh=mesh, rules=rules, progress=progress))
   if jax.process_index() == 0 and len(reports) > 1:
     rep.write_run_summary(reports, base)
+  return reports
+
+
+def compare(config, named_paths, *, workdir, split=None, mesh=None, rules=None, progress=True):
+  """Evaluates the latest checkpoint of each named run side by side.
+
+  named_paths: {name: run dir | step dir | HF dir}. Each is evaluated into
+  <workdir>/<name>/<split>/<checkpoint>/ (resumable as `evaluate`); the
+  comparison goes to <workdir>/<split>/comparison.md and models.png (one bar
+  per run and headline metric). Returns {name: report}.
+  """
+  if mesh is None:
+    mesh, rules = shd.mesh_from_config(config)
+  split = split or config.eval.split
+  with config.unlocked():
+    config.eval.split = split
+  rows, oracle, catalog = load_eval_data(config, split)
+  reports = {}
+  for name, path in named_paths.items():
+    target = resolve_targets(path)[-1]
+    out_dir = os.path.join(workdir, name, split, target.name)
+    os.makedirs(out_dir, exist_ok=True)
+    reports[name] = evaluate_target(config, target, rows, oracle, catalog, out_dir,
+                                    mesh=mesh, rules=rules, progress=progress)
+  if jax.process_index() == 0:
+    out = os.path.join(workdir, split)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "comparison.md"), "w", encoding="utf-8") as f:
+      f.write(rep.comparison_table(reports) + "\n")
+    rep.plot_models({n: r["metrics"] for n, r in reports.items()}, os.path.join(out, "models.png"))
   return reports
