@@ -15,9 +15,12 @@ contribute nothing. Discount d_k = 1 / log2(k + 1).
   rank_rewards (per rank, [N, R], for rank-level advantages):
     exp_inf    hit_k + s_k
     log_decay  sum_{j >= k} d_j hit_j + s_k
-    with s_k = -lambda_safe * penalty_safe * v_k (undiscounted).
+    with s_k = -lambda_safe * penalty_safe * d_k * v_k (discounted, reference;
+    `discount_safety=False` drops d_k, this project's earlier form).
 Hits use the reward matching (matching.py): case-folded, whitespace-collapsed
-title, year +-2, each ground-truth entry matched once, seen titles kept.
+title, year +-2 tried as y, y+1, y-1, y+2, y-2 (`year_order="later_first"`,
+reference; "earlier_first" tries y-1 before y+1), each ground-truth entry
+matched once, seen titles kept.
 """
 from __future__ import annotations
 
@@ -42,9 +45,10 @@ def _constraints(constraints):
           for c in constraints]
 
 
-def relevance_reward(completions, groundtruths, rec_num: int = 20, dcg: bool = False) -> np.ndarray:
+def relevance_reward(completions, groundtruths, rec_num: int = 20, dcg: bool = False, *,
+                     year_order: str = "later_first") -> np.ndarray:
   """[N] float32: hit@rec_num (0/1), or DCG@rec_num when `dcg`."""
-  hits = hit_matrix(parse_all(completions), _gts(groundtruths), rec_num)
+  hits = hit_matrix(parse_all(completions), _gts(groundtruths), rec_num, year_order=year_order)
   if dcg:
     return (hits * discounts(rec_num)).sum(1).astype(np.float32)
   return hits.any(1).astype(np.float32)
@@ -73,7 +77,8 @@ def count_reward(completions, target_count: int = 10, lambda_count: float = 1.0)
 
 def rank_rewards(completions, groundtruths, constraints, oracle, mode: str = "log_decay",
                  rec_num: int = 20, lambda_safe: float = 1.0, penalty_safe: float = 1.0,
-                 components: bool = False):
+                 components: bool = False, *, discount_safety: bool = True,
+                 year_order: str = "later_first"):
   """Per-rank rewards [N, rec_num] float32 (see module docstring).
 
   With `components=True` returns {"relevance": [N, R], "safety": [N, R]}
@@ -83,7 +88,7 @@ def rank_rewards(completions, groundtruths, constraints, oracle, mode: str = "lo
   if mode not in RANK_MODES:
     raise ValueError(f"rank reward mode {mode!r}: expected one of {RANK_MODES}")
   parsed = parse_all(completions)
-  hits = hit_matrix(parsed, _gts(groundtruths), rec_num).astype(np.float64)
+  hits = hit_matrix(parsed, _gts(groundtruths), rec_num, year_order=year_order).astype(np.float64)
   if mode == "exp_inf":
     rel = hits
   else:
@@ -94,6 +99,8 @@ def rank_rewards(completions, groundtruths, constraints, oracle, mode: str = "lo
   else:
     v = oracle.violations(parsed, _constraints(constraints), rec_num)
     safe = -lambda_safe * penalty_safe * v.astype(np.float64)
+    if discount_safety:
+      safe = safe * discounts(rec_num)
   if components:
     return {"relevance": rel.astype(np.float32), "safety": safe.astype(np.float32)}
   return (rel + safe).astype(np.float32)
@@ -102,14 +109,15 @@ def rank_rewards(completions, groundtruths, constraints, oracle, mode: str = "lo
 def compute_rewards(completions, rows: Sequence[dict], oracle, names=("relevance", "safety"), *,
                     rec_num: int = 20, lambda_safe: float = 1.0, penalty_safe: float = 1.0,
                     target_count: int = 10, lambda_count: float = 1.0,
-                    relevance_dcg: bool = False) -> dict[str, np.ndarray]:
+                    relevance_dcg: bool = False,
+                    year_order: str = "later_first") -> dict[str, np.ndarray]:
   """Several sequence rewards over one parse: {name: [N] float32} for names in
   relevance / safety / count. `rows[n]` gives ground truth and constraints of completion n."""
   parsed = parse_all(completions)
   out = {}
   for name in names:
     if name == "relevance":
-      out[name] = relevance_reward(parsed, rows, rec_num, dcg=relevance_dcg)
+      out[name] = relevance_reward(parsed, rows, rec_num, dcg=relevance_dcg, year_order=year_order)
     elif name == "safety":
       out[name] = safety_reward(parsed, rows, oracle, rec_num, lambda_safe, penalty_safe)
     elif name == "count":
