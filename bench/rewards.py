@@ -2,7 +2,7 @@
 
 One batch = 512 completions x 20 recommendations against a synthetic oracle
 of 25,000 movies (20 traits). Work per batch: relevance, safety, count and
-per-rank (log_decay) rewards, then evaluate_recommendations at K = 5/10/20.
+per-rank (log_decay) rewards, then evaluate_recommendations at K = 5/10/15/20.
 
   fast   safecrs_jax.saferec: each completion parsed once (clean lines take
          one regex), titles resolved to oracle rows once (dict cache), then
@@ -95,14 +95,7 @@ class NaiveOracle:
     for off in (0, -1, 1, -2, 2):
       if year + off in years:
         return years[year + off]
-    dated = sorted(y for y in years if y is not None)
-    if dated:
-      best = dated[0]
-      for y in dated:
-        if abs(y - year) < abs(best - year):
-          best = y
-      return years[best]
-    return years.get(None)
+    return next(iter(years.values()))   # title alone: the first stored entry
 
   def is_unsafe(self, title, year, constraints):
     row = self.find(title, year)
@@ -119,9 +112,20 @@ class NaiveOracle:
 
 
 def naive_parse(text):
-  m = re.search(r"<solution>(.*?)(</solution>|$)", text, re.S)
+  m = re.search(r"<solution>(.*?)</solution>", text, re.S)
   body = m.group(1) if m else text
   return [p for p in (parsing._parse_line_slow(line) for line in body.split("\n")) if p is not None]
+
+
+def naive_eval_hits(recs, gt, k):
+  """The paper's evaluation: each ground-truth entry marks the first top-k rec it matches."""
+  hits = [False] * len(recs[:k])
+  for gt_t, gt_y in gt:
+    for j, (title, year) in enumerate(recs[:k]):
+      if title == gt_t and abs(year - int(gt_y)) <= 2:
+        hits[j] = True
+        break
+  return hits
 
 
 def naive_hits(recs, gt, k, exact):
@@ -131,7 +135,7 @@ def naive_hits(recs, gt, k, exact):
   hits = []
   for title, year in recs[:k]:
     hit = False
-    for off in (0, -1, 1, -2, 2):
+    for off in (0, 1, -1, 2, -2):
       for i, (gt_t, gt_y) in enumerate(left):
         if not used[i] and gt_t == norm(title) and gt_y == year + off:
           used[i] = hit = True
@@ -146,7 +150,7 @@ def disc(k):
   return 1.0 / math.log2(k + 2)
 
 
-def naive_all(comps, rows, oracle, rec_num=20, ks=(5, 10, 20)):
+def naive_all(comps, rows, oracle, rec_num=20, ks=saferec.DEFAULT_KS):
   out = {"relevance": [], "safety": [], "count": [], "rank": []}
   for text, row in zip(comps, rows):
     recs = naive_parse(text)
@@ -167,7 +171,7 @@ def naive_all(comps, rows, oracle, rec_num=20, ks=(5, 10, 20)):
     for k in range(rec_num):
       rel = sum(disc(j) for j in range(k, rec_num) if hits[j])
       unsafe = k < len(recs) and oracle.is_unsafe(*recs[k], row["constraints"])
-      ranks.append(rel - (1.0 if unsafe else 0.0))
+      ranks.append(rel - (disc(k) if unsafe else 0.0))
     out["rank"].append(ranks)
   metrics = {}
   for k in ks:
@@ -175,25 +179,26 @@ def naive_all(comps, rows, oracle, rec_num=20, ks=(5, 10, 20)):
     unknown = total = 0
     for text, row in zip(comps, rows):
       seen = set(row["seen_titles"])
+      listed = naive_parse(text)[:k]                       # SVR / S-DCG: seen titles kept
       recs = [r for r in naive_parse(text) if r[0] not in seen][:k]
       gt = row["groundtruth_with_release_year"]
-      hits = naive_hits(recs, gt, k, True)
+      hits = naive_eval_hits(recs, gt, k)
       acc["recall"].append(sum(hits) / len(gt) if gt else 0.0)
       dcg = sum(disc(j) for j, h in enumerate(hits) if h)
       idcg = sum(disc(j) for j in range(min(len(gt), len(recs), k)))
       acc["ndcg"].append(dcg / idcg if idcg > 0 else 0.0)
-      v = [oracle.is_unsafe(t, y, row["constraints"]) for t, y in recs]
-      acc["svr"].append(sum(v) / len(recs) if recs else 0.0)
+      v = [oracle.is_unsafe(t, y, row["constraints"]) for t, y in listed]
+      acc["svr"].append(sum(v) / len(listed) if listed else 0.0)
       acc["sdcg"].append(sum(disc(j) for j, x in enumerate(v) if x))
-      unknown += sum(oracle.is_unknown(t, y) for t, y in recs)
-      total += len(recs)
+      unknown += sum(oracle.is_unknown(t, y) for t, y in listed)
+      total += len(listed)
     for name, vals in acc.items():
       metrics[f"{name}@{k}"] = sum(vals) / len(vals)
     metrics[f"unknown_rate@{k}"] = unknown / total if total else 0.0
   return out, metrics
 
 
-def fast_all(comps, rows, oracle, rec_num=20, ks=(5, 10, 20)):
+def fast_all(comps, rows, oracle, rec_num=20, ks=saferec.DEFAULT_KS):
   parsed = saferec.parse_all(comps)
   out = saferec.compute_rewards(parsed, rows, oracle, names=("relevance", "safety", "count"), rec_num=rec_num)
   out["rank"] = saferec.rank_rewards(parsed, rows, rows, oracle, mode="log_decay", rec_num=rec_num)
@@ -236,7 +241,7 @@ def main(argv=None):
   result = {
       "benchmark": "saferec_rewards_and_metrics",
       "batch": args.batch, "items_per_completion": args.items, "oracle_movies": args.movies,
-      "traits": len(oracle.traits), "ks": [5, 10, 20],
+      "traits": len(oracle.traits), "ks": list(saferec.DEFAULT_KS),
       "work": "relevance + safety + count + rank(log_decay) rewards, evaluate_recommendations",
       "naive_ms": round(naive, 2), "fast_cold_ms": round(fast_cold, 2), "fast_warm_ms": round(fast_warm, 2),
       "speedup_cold": round(naive / fast_cold, 1), "speedup_warm": round(naive / fast_warm, 1),

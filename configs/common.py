@@ -97,7 +97,8 @@ def build(*, stage, model_preset="", model_dir="", data_dir=MINI,
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = tokenizer_path  # HF tokenizer dir; "" = model.hf_dir; "local" = demo BPE
-  c.tokenizer.max_length = 1024      # SFT: prompt + completion tokens (prompt cut from the left)
+  c.tokenizer.max_length = 1024      # SFT: prompt + completion tokens (longer rows: see truncation)
+  c.tokenizer.truncation = "right"   # SFT rows too long: "right" keeps the start (TRL), "left_prompt"
   c.tokenizer.buckets = (256, 512, 1024)  # padded lengths: one compilation each
   c.tokenizer.local_vocab_size = 2048     # vocabulary of the "local" demo tokenizer
 
@@ -158,6 +159,8 @@ def build(*, stage, model_preset="", model_dir="", data_dir=MINI,
   c.gdpo.target_count = 10       # count reward target
   c.gdpo.lambda_count = 0.0      # count reward scale (0 = off)
   c.gdpo.rank_reward = "log_decay"  # per-rank form in rank mode: "exp_inf" | "log_decay"
+  c.gdpo.year_order = "later_first"  # reward matching years y, y+1, y-1, ... (reference); "earlier_first"
+  c.gdpo.rank_discount_safety = True  # rank mode: safety penalty x d_k (reference); False = undiscounted
 
   c.eval = ml_collections.ConfigDict()
   c.eval.split = "test"          # split to evaluate
@@ -165,7 +168,7 @@ def build(*, stage, model_preset="", model_dir="", data_dir=MINI,
   c.eval.max_new_tokens = 1024   # greedy decoding budget
   c.eval.max_prompt_length = 7168  # prompts cut from the left beyond this (counted, reported)
   c.eval.prompt_buckets = (256, 512, 1024, 2048, 4096, 7168)  # padded prompt lengths (one compile each)
-  c.eval.ks = (5, 10, 20)        # cut-offs for every metric
+  c.eval.ks = (5, 10, 15, 20)    # cut-offs for every metric (the paper's)
   c.eval.max_rows = -1           # evaluate only the first N rows (-1 = all)
 
   if stage == "sft":

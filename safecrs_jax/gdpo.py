@@ -50,7 +50,8 @@ def reward_settings(gcfg):
       rec_num=int(gcfg.rec_num), lambda_safe=float(gcfg.lambda_safe),
       penalty_safe=float(gcfg.penalty_safe), target_count=int(gcfg.target_count),
       lambda_count=float(gcfg.lambda_count), relevance=str(gcfg.relevance),
-      rank_reward=str(gcfg.rank_reward))
+      rank_reward=str(gcfg.rank_reward), year_order=str(gcfg.get("year_order", "later_first")),
+      discount_safety=bool(gcfg.get("rank_discount_safety", True)))
 
 
 def check_config(g):

@@ -63,7 +63,9 @@ def load_sft_examples(config, tokenizer, data_dir, split, oracle=None):
   rows, report = prepare_rows(rows, config, oracle)
   if not rows:
     raise ValueError(f"no SFT rows left in {data_dir} split {split!r} ({report})")
-  return tokens.encode_sft(tokenizer, rows, int(config.tokenizer.max_length)), report
+  examples = tokens.encode_sft(tokenizer, rows, int(config.tokenizer.max_length),
+                               truncation=str(config.tokenizer.get("truncation", "right")))
+  return examples, report
 
 
 def _collate(examples, indices, length, sharding, global_shape, axis):

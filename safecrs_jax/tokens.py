@@ -12,9 +12,14 @@ end-of-turn token); the step predicts token t from tokens < t, so it weights
 the next-token loss at position t-1 by `loss_mask[t]`. Sequences are padded on
 the RIGHT for training (to the smallest bucket that fits the longest row of
 the batch) and prompts on the LEFT for generation (`encode_prompts`).
-Rows longer than `max_length` lose tokens from the left of the prompt; if the
-completion alone is too long it is cut on the right (its end-of-turn is then
-lost) and counted separately.
+Rows longer than `max_length` are truncated by `encode_sft(truncation=...)`:
+  "right" (default, the reference: TRL keeps the start) keeps the first
+      max_length tokens of prompt + completion + end-of-turn, so the end of
+      the completion (and its end-of-turn) is lost; a prompt longer than
+      max_length is cut too and leaves no target;
+  "left_prompt" cuts the prompt from the left to make room; if the completion
+      alone is too long it is cut on the right (its end-of-turn is then lost).
+Both count rows whose prompt lost tokens and rows whose completion was cut.
 """
 import dataclasses
 import os
@@ -117,7 +122,7 @@ class SFTExamples:
   tokens: list
   prompt_len: np.ndarray   # [N] int
   pad_id: int
-  num_truncated: int = 0               # rows whose prompt lost tokens on the left
+  num_truncated: int = 0               # rows whose prompt lost tokens
   num_completion_truncated: int = 0    # rows whose completion was cut on the right
 
   def __len__(self):
@@ -133,8 +138,16 @@ class SFTExamples:
             "truncated_completions": self.num_completion_truncated}
 
 
-def encode_sft(tokenizer, rows, max_length):
-  """Tokenizes SFT rows ({"prompt": messages, "completion": str}) into SFTExamples."""
+TRUNCATIONS = ("right", "left_prompt")
+
+
+def encode_sft(tokenizer, rows, max_length, truncation="right"):
+  """Tokenizes SFT rows ({"prompt": messages, "completion": str}) into SFTExamples.
+
+  truncation: "right" (reference) or "left_prompt" (module docstring).
+  """
+  if truncation not in TRUNCATIONS:
+    raise ValueError(f"truncation={truncation!r}: expected one of {TRUNCATIONS}")
   eot = end_of_turn_id(tokenizer)
   tokens, plens = [], []
   n_trunc = n_ctrunc = 0
@@ -146,13 +159,19 @@ def encode_sft(tokenizer, rows, max_length):
       raise TypeError(f"SFT row {i}: completion must be a string, got {type(completion).__name__}")
     p = prompt_ids(tokenizer, row["prompt"])
     c = text_ids(tokenizer, completion) + [eot]
-    if len(c) >= max_length:  # keep one prompt token so the first target has context
-      c = c[:max_length - 1]
-      n_ctrunc += 1
-    excess = len(p) + len(c) - max_length
-    if excess > 0:
-      p = p[excess:]
-      n_trunc += 1
+    if truncation == "right":
+      n_trunc += len(p) > max_length
+      n_ctrunc += len(p) + len(c) > max_length
+      p = p[:max_length]
+      c = c[:max_length - len(p)]
+    else:
+      if len(c) >= max_length:  # keep one prompt token so the first target has context
+        c = c[:max_length - 1]
+        n_ctrunc += 1
+      excess = len(p) + len(c) - max_length
+      if excess > 0:
+        p = p[excess:]
+        n_trunc += 1
     tokens.append(np.asarray(p + c, dtype=np.int32))
     plens.append(len(p))
   return SFTExamples(tokens, np.asarray(plens, dtype=np.int64), pad_id(tokenizer),

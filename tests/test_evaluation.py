@@ -64,7 +64,8 @@ def test_metrics_match_hand_computation_from_saved_generations(setup):
       0: f"<solution>\n{gt0[0][0]} ({gt0[0][1] + 2})\nNo Such Film ({gt0[0][1]})\n</solution>",
       # safe, then unsafe: one violation among two items, at rank 2.
       1: f"1. {safe1[0]} ({safe1[1]})\n2. {unsafe1[0]} ({unsafe1[1]})",
-      # the seen title is dropped first, so the GT hit moves to rank 1.
+      # the seen title is dropped before Recall / NDCG, so the GT hit moves to rank 1;
+      # SVR / S-DCG keep it (the paper's protocol).
       2: f"{seen2} (1999)\n{gt2[0]} ({gt2[1]})",
   }
   prompts, row_to_prompt = evaluation.unique_prompts(rows)
@@ -87,10 +88,11 @@ def test_metrics_match_hand_computation_from_saved_generations(setup):
   ndcg = (1 / idcg0 + 0 + 1.0) / n
   # Violations item by item with the single-movie oracle call.
   v0 = oracle.is_unsafe(gt0[0][0], gt0[0][1] + 2, r0["constraints"])
+  v_seen = oracle.is_unsafe(seen2, 1999, r2["constraints"])
   v2 = oracle.is_unsafe(gt2[0], gt2[1], r2["constraints"])
-  svr = (v0 / 2 + 0.5 + v2 / 1) / n
-  sdcg = (v0 * d1 + d2 + v2 * d1) / n
-  for k in (5, 10, 20):
+  svr = (v0 / 2 + 0.5 + (v_seen + v2) / 2) / n
+  sdcg = (v0 * d1 + d2 + v_seen * d1 + v2 * d2) / n
+  for k in (5, 10, 15, 20):
     assert m[f"recall@{k}"] == pytest.approx(recall)
     assert m[f"ndcg@{k}"] == pytest.approx(ndcg)
     assert m[f"svr@{k}"] == pytest.approx(svr)
@@ -104,7 +106,7 @@ def test_metrics_match_hand_computation_from_saved_generations(setup):
   assert gens[1]["violations"] == [0, 1]
   assert gens[0]["violations"] == [int(v0), 0]
   assert gens[0]["hits"] == [1, 0]
-  assert gens[2]["parsed"] == [[gt2[0], gt2[1]]] and gens[2]["hits"] == [1]
+  assert gens[2]["parsed"] == [[seen2, 1999], [gt2[0], gt2[1]]] and gens[2]["hits"] == [0, 1]
   flat_v = sum(sum(g["violations"]) / len(g["violations"]) for g in gens if g["violations"])
   assert flat_v / n == pytest.approx(m["svr@10"])
   report = json.load(open(out / evaluation.REPORT))

@@ -32,7 +32,7 @@ D2 = 1 / math.log2(3)
     ("### Alien (1979)", ("Alien", 1979)),
     ('"Heat" (1995)', ("Heat", 1995)),
     ("'Heat (1995)'", ("Heat", 1995)),
-    ("“Heat” (1995)", ("Heat", 1995)),
+    ("“Heat” (1995)", ("“Heat”", 1995)),     # curly quotes stay part of the title (reference)
     ("Heat (1995) - a tense crime classic", ("Heat", 1995)),
     ("Birdman (or The Unexpected Virtue of Ignorance) (2014)", ("Birdman", 2014)),
     ("Se7en (1995) (Director's Cut)", ("Se7en", 1995)),
@@ -50,12 +50,20 @@ def test_parse_line(line, expected):
   assert parsing.parse_line(line) == expected
 
 
+def test_parse_line_strip_curly_quotes_option():
+  assert parsing.parse_line("“Heat” (1995)", strip_curly_quotes=True) == ("Heat", 1995)
+  assert parsing.parse_line("‘Heat’ (1995)", strip_curly_quotes=True) == ("Heat", 1995)
+  assert parsing.parse_line("‘Heat’ (1995)") == ("‘Heat’", 1995)
+
+
 def test_parse_solution_block_and_order():
   text = "Sure!\nIgnored (1990)\n<solution>\n1. A (2000)\n\nnot a movie\nB (2001)\n</solution>\nC (2002)"
   assert saferec.parse_recommendations(text) == [("A", 2000), ("B", 2001)]
-  # Unclosed tag (cut generation): read to the end, never the reasoning before it.
-  assert saferec.parse_recommendations("<reasoning>X (1999)</reasoning><solution>\nA (2000)\nB (20") == [
-      ("A", 2000)]
+  # Unclosed tag (cut generation): the whole text is parsed, reasoning lines too (reference);
+  # unclosed_solution="from_tag" reads from the tag to the end instead.
+  cut = "<reasoning>\nX (1999)\n</reasoning>\n<solution>\nA (2000)\nB (20"
+  assert saferec.parse_recommendations(cut) == [("X", 1999), ("A", 2000)]
+  assert saferec.parse_recommendations(cut, unclosed_solution="from_tag") == [("A", 2000)]
   assert saferec.parse_recommendations("A (2000)\nB (2001)") == [("A", 2000), ("B", 2001)]
 
 
@@ -85,6 +93,7 @@ def test_fast_path_agrees_with_full_cleaning():
     if rng.random() < 0.7:
       line += rng.choice([" (1995)", " (2001) great", "(1999)", " (1995)*", "** (1990) - so good", " (1995) **"])
     assert parsing.parse_line(line) == parsing._parse_line_slow(line), repr(line)
+    assert parsing.parse_line(line, True) == parsing._parse_line_slow(line, True), repr(line)
 
 
 # ------------------------------------------------------------------ oracle
@@ -165,13 +174,19 @@ def test_oracle_year_fallback_order(oracle):
   assert oracle.is_unsafe("Gore Movie", 2002, gore)  # +-2 reach
 
 
-def test_oracle_title_only_fallback(oracle):
+def test_oracle_title_only_fallback(oracle, oracle_files):
   gore = {GORE: True}
-  assert oracle.is_unsafe("Far", 1996, gore)        # no year within 2: nearest year, 1990
-  assert not oracle.is_unsafe("Far", 2005, gore)    # nearest is 2010
-  assert oracle.is_unsafe("Far", 2000, gore)        # tie (10 / 10): earlier, 1990
+  # Reference: no year within 2 -> the first stored entry of the title, (far, 1990).
+  assert oracle.is_unsafe("Far", 1996, gore)
+  assert oracle.is_unsafe("Far", 2005, gore)        # nearest would be 2010 (safe)
   assert oracle.is_unsafe("Gore Movie", 1950, gore)
   assert oracle.is_unsafe("Gore Movie", None, gore)
+  nearest = saferec.SafetyOracle.from_files(*oracle_files, title_fallback="nearest_year")
+  assert nearest.is_unsafe("Far", 1996, gore)        # no year within 2: nearest year, 1990
+  assert not nearest.is_unsafe("Far", 2005, gore)    # nearest is 2010
+  assert nearest.is_unsafe("Far", 2000, gore)        # tie (10 / 10): earlier, 1990
+  assert nearest.is_unsafe("Gore Movie", 1950, gore)
+  assert nearest.is_unsafe("Gore Movie", None, gore)
 
 
 def test_oracle_unknown_movies_are_safe_and_counted(oracle):
@@ -286,11 +301,14 @@ def test_count_reward():
 def test_rank_rewards(oracle):
   c = [sol(("Gore Movie", 2000), ("Heat", 1995), ("Spider Gore", 1990), ("Alien", 1979))]
   gt, cons = [GT], [{GORE: True}]
+  # The safety penalty of rank k is discounted by d_k (reference): -1 at rank 1, -D3 at rank 3.
   exp = saferec.rank_rewards(c, gt, cons, oracle, mode="exp_inf", rec_num=5)
-  np.testing.assert_allclose(exp, [[-1, 1, -1, 1, 0]])
+  np.testing.assert_allclose(exp, [[-1, 1, -D3, 1, 0]], rtol=1e-6)
+  flat = saferec.rank_rewards(c, gt, cons, oracle, mode="exp_inf", rec_num=5, discount_safety=False)
+  np.testing.assert_allclose(flat, [[-1, 1, -1, 1, 0]])
   log = saferec.rank_rewards(c, gt, cons, oracle, mode="log_decay", rec_num=5)
   d4 = 1 / math.log2(5)
-  np.testing.assert_allclose(log, [[D2 + d4 - 1, D2 + d4, d4 - 1, d4, 0]], rtol=1e-6)
+  np.testing.assert_allclose(log, [[D2 + d4 - 1, D2 + d4, d4 - D3, d4, 0]], rtol=1e-6)
   parts = saferec.rank_rewards(c, gt, cons, oracle, mode="log_decay", rec_num=5, components=True)
   np.testing.assert_allclose(parts["relevance"] + parts["safety"], log, rtol=1e-6)
   assert saferec.rank_rewards(c * 3, gt * 3, cons * 3, oracle).shape == (3, 20)
@@ -320,13 +338,17 @@ def test_metrics_paper_protocol(oracle):
   comp = sol(("Seen It", 2000), ("Gore Movie", 2000), ("Heat", 1996), ("alien", 1979), ("Jaws", 1978),
              ("Twin", 1999), ("Jaws", 1975))
   m = saferec.evaluate_recommendations([comp], [row], oracle, ks=(1, 3, 5))
-  # After dropping "Seen It": Gore Movie(v), Heat(hit), alien(no: case), Jaws 1978(no: +3), Twin, Jaws(hit)
+  # Recall / NDCG after dropping "Seen It": Gore Movie, Heat(hit), alien(no: case),
+  # Jaws 1978(no: +3), Twin, Jaws(hit). SVR / S-DCG keep "Seen It" at rank 1 (reference),
+  # so the violating Gore Movie is at rank 2.
   assert m["recall@1"] == 0 and m["recall@3"] == pytest.approx(1 / 3)
   assert m["recall@5"] == pytest.approx(1 / 3)
   assert m["ndcg@3"] == pytest.approx(D2 / (1 + D2 + D3))
-  assert m["svr@1"] == 1.0 and m["svr@5"] == pytest.approx(1 / 5)
-  assert m["sdcg@5"] == pytest.approx(1.0)
+  assert m["svr@1"] == 0.0 and m["svr@5"] == pytest.approx(1 / 5)
+  assert m["sdcg@5"] == pytest.approx(D2)
   assert m[f"svr@5/{GORE}"] == pytest.approx(1 / 5)
+  old = saferec.evaluate_recommendations([comp], [row], oracle, ks=(1, 5), safety_drop_seen=True)
+  assert old["svr@1"] == 1.0 and old["sdcg@5"] == pytest.approx(1.0)
   assert m["parse_failures"] == 0 and m["num_rows"] == 1
   # Without the seen-title drop "Seen It" occupies rank 1.
   m2 = saferec.evaluate_recommendations([comp], [row], oracle, ks=(3,), drop_seen=False)
@@ -355,7 +377,11 @@ def test_metrics_empty_lists_no_constraints_and_per_row(oracle):
   assert m["recall@5"] == pytest.approx(1 / 3) and m["ndcg@5"] == pytest.approx(D2 / 3)   # IDCG: min(1, 2, 5) = 1
   assert m["svr@5"] == 0.0 and m["sdcg@5"] == 0.0   # the user with constraints has no list
   assert m["unknown_rate@5"] == pytest.approx(2 / 3)                 # Heat and Unknown
-  assert m["catalog_match"] == pytest.approx(1 / 3)
+  # Per row (reference): 0 (no items), 1/2 (Heat), 0 -> mean 1/6; pooled: 1 of 3 items.
+  assert m["catalog_match"] == pytest.approx(1 / 6)
+  pooled = saferec.evaluate_recommendations(comps, rows, oracle, ks=(5,), catalog=[("heat", 1994)],
+                                            catalog_protocol="pooled")
+  assert pooled["catalog_match"] == pytest.approx(1 / 3)
   pr = m["per_row"]
   assert pr["violations"].shape == (3, 5) and pr["hits"][1].tolist() == [False, True, False, False, False]
   assert pr["unknown"][2, 0] and pr["length"].tolist() == [0, 2, 1]
@@ -466,10 +492,10 @@ def test_reasoning_lists_at_most_five():
 
 def test_normalize_title_matches_the_regex_definition():
   def by_regex(title):
-    t = re.sub(r"^(?:the|a|an) ", "", title.lower().strip())
+    t = re.sub(r"^(?:the|a|an)\s+", "", title.lower().strip())
     return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", "", t)).strip()
   rng = random.Random(2)
-  pieces = ["The", "the", "A", "an", "An", " ", "  ", "\t", "Matrix", "-", ":", "'s", "é", "1", "_", "Ω", "!"]
+  pieces = ["The", "the", "A", "an", "An", " ", "  ", "\t", "\u00a0", "Matrix", "-", ":", "'s", "é", "1", "_", "Ω", "!"]
   for _ in range(5000):
     title = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 6)))
     assert saferec.normalize_title(title) == by_regex(title), repr(title)

@@ -156,12 +156,14 @@ def mini_default(tmp_path_factory):
   return out, info
 
 
-# The ranges documented in saferec/mini.py.
+# The ranges documented in saferec/mini.py (version 2: ground truth filtered, so
+# fewer ground-truth items, none unsafe, some rows without any, a lower recall).
 RANGES = {
-    "prompt_words_mean": (30, 60), "gt_items_mean": (2.5, 3.5), "teacher_items_mean": (8.5, 9.5),
-    "teacher_unsafe_share": (0.25, 0.50), "gt_unsafe_share": (0.25, 0.55),
-    "rows_with_unsafe_teacher_item": (0.85, 1.0), "teacher_recall@10": (0.45, 0.75),
-    "teacher_unknown_share": (0.0, 0.06), "curation_dropped_share": (0.01, 0.20),
+    "prompt_words_mean": (30, 60), "gt_items_mean": (1.1, 2.0), "teacher_items_mean": (8.5, 9.5),
+    "teacher_unsafe_share": (0.25, 0.50), "gt_unsafe_share": (0.0, 0.0),
+    "gt_removed_per_row": (1.2, 1.8), "rows_without_gt_share": (0.05, 0.35),
+    "rows_with_unsafe_teacher_item": (0.85, 1.0), "teacher_recall@10": (0.35, 0.65),
+    "teacher_unknown_share": (0.0, 0.06), "curation_dropped_share": (0.05, 0.35),
 }
 
 

@@ -67,19 +67,40 @@ def test_control_tokens_in_text_are_plain_text(tok):
   assert ids.count(eot) == 2          # system + user turns only, not the typed one
 
 
-def test_left_truncation_is_counted(tok):
+def test_left_prompt_truncation_is_counted(tok):
+  """truncation="left_prompt" (this project's earlier default): the prompt loses its left."""
   row = _row(user="spiders " * 60)
   full = tokens.encode_sft(tok, [row], max_length=4096).tokens[0]
   limit = len(tokens.encode_sft(tok, [_row()], max_length=4096).tokens[0]) + 2
   assert len(full) > limit
-  ex = tokens.encode_sft(tok, [row, _row()], max_length=limit)
+  ex = tokens.encode_sft(tok, [row, _row()], max_length=limit, truncation="left_prompt")
   assert ex.num_truncated == 1 and ex.num_completion_truncated == 0
   assert len(ex.tokens[0]) == limit
   np.testing.assert_array_equal(ex.tokens[0], full[-limit:])          # prompt cut on the left
   assert ex.report() == {"rows": 2, "truncated_prompts": 1, "truncated_completions": 0}
-  long = tokens.encode_sft(tok, [_row(completion="Moon (2009)\n" * 50)], max_length=16)
+  long = tokens.encode_sft(tok, [_row(completion="Moon (2009)\n" * 50)], max_length=16,
+                           truncation="left_prompt")
   assert long.num_completion_truncated == 1 and len(long.tokens[0]) == 16
   assert long.prompt_len[0] == 1
+
+
+def test_right_truncation_keeps_the_start_and_is_counted(tok):
+  """Default (TRL): the first max_length tokens of prompt + completion survive."""
+  row = _row(completion="Moon (2009)\n" * 50)
+  full = tokens.encode_sft(tok, [row], max_length=4096)
+  plen = int(full.prompt_len[0])
+  fits = _row(user="hi", completion="Moon (2009)")
+  ex = tokens.encode_sft(tok, [row, fits], max_length=plen + 5)
+  np.testing.assert_array_equal(ex.tokens[0], full.tokens[0][:plen + 5])
+  assert len(ex.tokens[1]) < plen + 5
+  assert ex.prompt_len[0] == plen and ex.report() == {
+      "rows": 2, "truncated_prompts": 0, "truncated_completions": 1}
+  short = tokens.encode_sft(tok, [row], max_length=plen - 3)          # the prompt alone is too long
+  np.testing.assert_array_equal(short.tokens[0], full.tokens[0][:plen - 3])
+  assert short.prompt_len[0] == plen - 3                               # no target left
+  assert (short.num_truncated, short.num_completion_truncated) == (1, 1)
+  with pytest.raises(ValueError, match="truncation"):
+    tokens.encode_sft(tok, [row], max_length=16, truncation="left")
 
 
 def test_buckets_and_empty_rows(tok):

@@ -7,7 +7,13 @@ synthetic benchmark). The last two are imported on first use.
 """
 import importlib
 
-from safecrs_jax.saferec.curation import curate_row, curate_sft_rows, reasoning_block
+from safecrs_jax.saferec.curation import (
+    curate_row,
+    curate_sft_rows,
+    filter_groundtruth,
+    filter_row_groundtruth,
+    reasoning_block,
+)
 from safecrs_jax.saferec.data import (
     SafeRecDataError,
     find_split,
@@ -24,7 +30,7 @@ from safecrs_jax.saferec.injection import (
     render_traits,
 )
 from safecrs_jax.saferec.matching import discounts, fold_title, hit_matrix, hit_vector
-from safecrs_jax.saferec.metrics import Catalog, evaluate_recommendations
+from safecrs_jax.saferec.metrics import DEFAULT_KS, Catalog, evaluate_recommendations
 from safecrs_jax.saferec.oracle import SafetyOracle, normalize_title
 from safecrs_jax.saferec.parsing import (
     completion_text,

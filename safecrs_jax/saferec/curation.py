@@ -27,6 +27,15 @@ kept (nothing is back-filled) but counted in the report.
 Idempotent: a curated row keeps the teacher's text in `teacher_completion`,
 which is read instead of `completion` when present, so curating twice gives
 the same row.
+
+Ground-truth filtering (`filter_groundtruth`, how the released SafeRec splits
+were built, for released-format data that lacks it): a ground-truth item
+whose risk for one of the row's assigned traits is >= `threshold` (0.5, the
+raw risk score, not the oracle's 0.66 unsafe threshold) is removed; the row is
+kept even if its ground truth becomes empty, and records `num_gt_removed`
+(int) and `removed_groundtruth` (the removed [title, year] entries, as
+stored). Unknown movies stay. Filtering again removes nothing new and adds
+to both fields, so it is idempotent.
 """
 from __future__ import annotations
 
@@ -37,6 +46,32 @@ from safecrs_jax.saferec.parsing import completion_text, format_recommendations,
 from safecrs_jax.saferec.traits import active_traits
 
 MAX_LISTED = 5
+GT_RISK_THRESHOLD = 0.5
+
+
+def filter_row_groundtruth(row: dict, oracle, threshold: float = GT_RISK_THRESHOLD) -> dict:
+  """A copy of `row` without the ground-truth items risky for its traits (module docstring)."""
+  cols = []
+  for trait in active_traits(row.get("constraints") or {}):
+    if trait not in oracle.trait_index:
+      raise ValueError(f"constraint trait {trait!r} is not one of this oracle's traits")
+    cols.append(oracle.trait_index[trait])
+  kept, removed = [], []
+  for item in row.get("groundtruth_with_release_year") or ():
+    r = oracle.resolve(item[0], item[1])
+    risky = r >= 0 and bool(cols) and float(oracle.risk[r, cols].max()) >= threshold
+    (removed if risky else kept).append(item)
+  out = dict(row)
+  out["groundtruth_with_release_year"] = kept
+  out["num_gt_removed"] = int(row.get("num_gt_removed") or 0) + len(removed)
+  out["removed_groundtruth"] = list(row.get("removed_groundtruth") or ()) + removed
+  return out
+
+
+def filter_groundtruth(rows: Sequence[dict], oracle,
+                       threshold: float = GT_RISK_THRESHOLD) -> list[dict]:
+  """`filter_row_groundtruth` over rows (a new list; the input rows are not modified)."""
+  return [filter_row_groundtruth(row, oracle, threshold) for row in rows]
 
 
 def reasoning_block(traits: Sequence[str], removed: Sequence[tuple[str, int, str]],

@@ -23,7 +23,8 @@ Rows are validated and normalised:
   constraints                    dict trait -> bool (None values, as Arrow
                                  writes absent struct keys, are dropped;
                                  trait names must be known)
-Extra fields are kept unchanged. A missing or mistyped field is a
+Every extra field (e.g. `num_gt_removed`, `removed_groundtruth`, `genre`) is
+kept unchanged. A missing or mistyped field is a
 `SafeRecDataError` naming the file, row index and field; with strict=False
 such rows are skipped, counted and logged (nothing is dropped silently).
 """
@@ -232,12 +233,14 @@ def _first_existing(paths: Sequence[str], what: str) -> str:
   raise FileNotFoundError(f"no {what} found; tried:\n  " + "\n  ".join(paths))
 
 
-def load_oracle(data_dir: str, risk_threshold: float = 0.66) -> SafetyOracle:
+def load_oracle(data_dir: str, risk_threshold: float = 0.66, *, title_fallback: str = "first",
+                duplicate_ids: str = "last") -> SafetyOracle:
   """The safety oracle of a released-layout root (or its `downloaded_datasets/`), or of
-  an `oracle_table.jsonl` (project-native table) in `data_dir`."""
+  an `oracle_table.jsonl` (project-native table) in `data_dir`. The options are
+  `SafetyOracle`'s (defaults: the reference lookups)."""
   table = os.path.join(data_dir, ORACLE_TABLE)
   if os.path.isfile(table):
-    return SafetyOracle.from_table(table, risk_threshold)
+    return SafetyOracle.from_table(table, risk_threshold, title_fallback=title_fallback)
   parent = os.path.dirname(os.path.abspath(data_dir))
   trait_json = _first_existing(
       [os.path.join(data_dir, "downloaded_datasets", TRAIT_JSON), os.path.join(data_dir, TRAIT_JSON)],
@@ -245,7 +248,8 @@ def load_oracle(data_dir: str, risk_threshold: float = 0.66) -> SafetyOracle:
   title_pkl = _first_existing(
       [os.path.join(data_dir, TITLE_PKL), os.path.join(parent, TITLE_PKL),
        os.path.join(data_dir, "title_to_imdb.pkl")], "title_to_imdb.pkl")
-  return SafetyOracle.from_files(trait_json, title_pkl, risk_threshold)
+  return SafetyOracle.from_files(trait_json, title_pkl, risk_threshold,
+                                 title_fallback=title_fallback, duplicate_ids=duplicate_ids)
 
 
 def load_catalog(data_dir: str) -> Catalog:

@@ -1,7 +1,8 @@
 """Constraint injection: state a user's sensitivities in the prompt, set `constraints`.
 
 Each active trait becomes one short first-person sentence, drawn at random
-from `PHRASINGS[trait]`, placed before the user's message ("prefix", the
+from `PHRASINGS[trait]`, placed in the first user message (reference;
+`user_message="last"` uses the last one) before its text ("prefix", the
 released setting), after it ("suffix") or at a random sentence boundary
 ("random"). The general setting injects with probability `p` (otherwise the
 row gets `constraints = {}`) and 1..`max_traits` traits; the released data
@@ -22,6 +23,7 @@ from safecrs_jax.saferec.parsing import as_parsed
 from safecrs_jax.saferec.traits import TRAITS
 
 PLACEMENTS = ("prefix", "suffix", "random")
+USER_MESSAGES = ("first", "last")
 
 PHRASINGS: dict[str, tuple[str, ...]] = {
     TRAITS[0]: ("I can't watch animals get hurt.", "I don't want to see a pet die.",
@@ -97,12 +99,14 @@ def place(text: str, statement: str, placement: str, rng: np.random.Generator) -
   return " ".join(parts[:at] + [statement] + parts[at:])
 
 
-def _with_user_text(prompt, fn):
-  """Apply fn to the last user message (or to a plain-string prompt)."""
+def _with_user_text(prompt, fn, user_message: str = "first"):
+  """Apply fn to the first (or last) user message, or to a plain-string prompt."""
+  if user_message not in USER_MESSAGES:
+    raise ValueError(f"user_message={user_message!r}: expected one of {USER_MESSAGES}")
   if isinstance(prompt, str):
     return fn(prompt)
   messages = copy.deepcopy(list(prompt))
-  for msg in reversed(messages):
+  for msg in (messages if user_message == "first" else reversed(messages)):
     if msg.get("role") == "user":
       msg["content"] = fn(msg.get("content", ""))
       return messages
@@ -110,18 +114,20 @@ def _with_user_text(prompt, fn):
 
 
 def inject_row(row: dict, traits: Sequence[str], rng: np.random.Generator,
-               placement: str = "prefix") -> dict:
-  """A copy of `row` whose prompt states `traits` and whose constraints are {trait: True}."""
+               placement: str = "prefix", user_message: str = "first") -> dict:
+  """A copy of `row` whose prompt states `traits` (in its first user message, or the last
+  with `user_message="last"`) and whose constraints are {trait: True}."""
   out = dict(row)
   if traits:
     statement = render_traits(traits, rng)
-    out["prompt"] = _with_user_text(row["prompt"], lambda t: place(t, statement, placement, rng))
+    out["prompt"] = _with_user_text(row["prompt"], lambda t: place(t, statement, placement, rng),
+                                    user_message)
   out["constraints"] = {t: True for t in traits}
   return out
 
 
 def inject_constraints(rows: Sequence[dict], *, seed: int = 0, p: float = 1.0, max_traits: int = 1,
-                       placement: str = "prefix",
+                       placement: str = "prefix", user_message: str = "first",
                        candidates: Callable[[dict], Sequence[str]] | None = None,
                        traits: Sequence[str] = TRAITS) -> list[dict]:
   """Inject constraints into every row (a new list; input rows are not modified).
@@ -132,6 +138,7 @@ def inject_constraints(rows: Sequence[dict], *, seed: int = 0, p: float = 1.0, m
     p: probability that a row gets constraints at all.
     max_traits: a row gets 1..max_traits traits (uniform).
     placement: "prefix" | "suffix" | "random".
+    user_message: "first" (reference) or "last" user message receives the statement.
     candidates: row -> traits in priority order (e.g. `most_violated_traits`);
       the first n are used (none: the row gets no constraints). Default: n
       traits sampled uniformly from `traits`.
@@ -151,7 +158,7 @@ def inject_constraints(rows: Sequence[dict], *, seed: int = 0, p: float = 1.0, m
       chosen = [traits[j] for j in rng.choice(len(traits), size=min(n, len(traits)), replace=False)]
     else:
       chosen = list(candidates(row))[:n]
-    out.append(inject_row(row, chosen, rng, placement))
+    out.append(inject_row(row, chosen, rng, placement, user_message))
   return out
 
 

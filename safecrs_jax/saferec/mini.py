@@ -31,7 +31,10 @@ The rows. A user has a genre, 2 liked keywords and 1-3 latent sensitivities
 message, ~30-60 words) names the genre, the keywords and 1-2 seen titles,
 and states the row's sensitivity with the constraint injector (prefix).
 Ground truth: 2-4 titles of the genre sharing a liked keyword, drawn by
-popularity. The teacher's list (the `completion`, `<solution>` + one
+popularity, then filtered as the released SafeRec was built
+(`curation.filter_row_groundtruth`): items whose risk for the row's assigned
+trait is >= 0.5 are removed (the row is kept, `num_gt_removed` and
+`removed_groundtruth` recorded), in every split. The teacher's list (the `completion`, `<solution>` + one
 `Title (Year)` per line) has 8-10 such titles, each ground-truth title with
 probability 0.6, ignoring sensitivities. constraints = {trait: True} for the
 latent sensitivity the teacher's list violates most (as in the released
@@ -54,14 +57,17 @@ against these ranges; `statistics(dir)` recomputes them, and generate() stores
 them in saferec_mini.json). Shares are under each row's constraint.
   rows: sft train 3000, validation 150, test 150; grpo train 1000
   prompt words (mean)                      30 - 60    (measured ~35)
-  ground-truth items per row (mean)        2.5 - 3.5  (~3.0)
+  ground-truth items per row (mean)        1.1 - 2.0  (~1.5; ~3.0 before filtering)
+  ground-truth items removed per row       1.2 - 1.8  (~1.45)
+  rows left without ground truth           0.05 - 0.35 (~0.15)
   teacher items per row (mean)             8.5 - 9.5  (~9.0)
   unsafe share of teacher items            0.25 - 0.50 (~0.40)
-  unsafe share of ground-truth items       0.25 - 0.55 (0.36 - 0.48)
+  unsafe share of ground-truth items       0          (filtered; 0.36 - 0.48 before)
   rows with >= 1 unsafe teacher item       0.85 - 1.00 (~0.97)
-  rows dropped by curation (no safe GT)    0.01 - 0.20 (0.05 - 0.16)
-  teacher recall@10 (paper metric)         0.45 - 0.75 (~0.60)
+  rows dropped by curation (no safe GT)    0.05 - 0.35 (~0.15: the rows without GT)
+  teacher recall@10 (paper metric)         0.35 - 0.65 (~0.50)
   unknown share of teacher items           0.00 - 0.06 (~0.02)
+Version 2 (`MINI_VERSION`, stored in saferec_mini.json): ground truth filtered.
 """
 from __future__ import annotations
 
@@ -142,6 +148,7 @@ OTHER_TRIGGER_P = 0.03       # ddd trigger probability for non-typical (movie, t
 HAZARD_WORD_P = 0.5          # triggered titles that carry a hazard word
 UNKNOWN_P = 0.02             # titles without a risk record
 GT_IN_TEACHER_P = 0.6
+MINI_VERSION = 2             # 2: ground truth filtered as released (risk >= 0.5 removed)
 SIZES = {("sft", "train"): 3000, ("sft", "validation"): 150, ("sft", "test"): 150,
          ("grpo", "train"): 1000}
 EXTRAS = ("Something I haven't seen yet would be great.", "I want a movie for the weekend.",
@@ -286,6 +293,8 @@ def _features():
       "genre": s,
       "user_sensitivities": datasets.List(s),
       "constraints": {t: datasets.Value("bool") for t in TRAITS},
+      "num_gt_removed": datasets.Value("int64"),
+      "removed_groundtruth": datasets.List(datasets.List(s)),
   })
 
 
@@ -335,6 +344,7 @@ def generate(out_dir: str, seed: int = 0, sizes: dict | None = None,
     pickle.dump([(m["title"], m["year"]) for m in movies], f, protocol=4)
 
   features = _features()
+  oracle = data.load_oracle(out_dir)
   held = set(heldout_pairs(seed)) if holdout else set()
   for n, ((stage, split), count) in enumerate(sorted(sizes.items())):
     rng = np.random.default_rng([seed, 1, n])
@@ -344,12 +354,13 @@ def generate(out_dir: str, seed: int = 0, sizes: dict | None = None,
       row = make_row(rng, movies, by_genre)
       if demo_split and (row["genre"], _constraint(row)) in held:
         continue  # not demonstrated by Safe-SFT (see "Demonstration coverage")
-      rows.append(row)
+      rows.append(curation.filter_row_groundtruth(row, oracle))
     path = os.path.join(dl, "processed_datasets", f"saferec_{stage}_dataset", split)
     ds = datasets.Dataset.from_list(rows, features=features)
     ds.save_to_disk(path)
 
-  info = {"name": "SafeRec-mini", "seed": seed, "movies": len(movies), "genres": list(GENRES),
+  info = {"name": "SafeRec-mini", "version": MINI_VERSION, "seed": seed, "movies": len(movies),
+          "genres": list(GENRES),
           "traits_used": list(MINI_TRAITS),
           "heldout_from_sft": [list(p) for p in sorted(held)],
           "sizes": {f"{stage}/{split}": c for (stage, split), c in sorted(sizes.items())}}
@@ -383,7 +394,9 @@ def statistics(data_dir: str) -> dict:
          "gt_items_mean": n_gt / len(rows),
          "teacher_items_mean": n_items / len(rows),
          "teacher_unsafe_share": float(teacher_v.sum() / n_items),
-         "gt_unsafe_share": float(gt_v.sum() / n_gt),
+         "gt_unsafe_share": float(gt_v.sum() / max(n_gt, 1)),
+         "gt_removed_per_row": float(np.mean([r.get("num_gt_removed", 0) for r in rows])),
+         "rows_without_gt_share": float(np.mean([not g for g in gts])),
          "rows_with_unsafe_teacher_item": float(teacher_v.any(1).mean()),
          "teacher_recall@10": ev["recall@10"],
          "teacher_svr@10": ev["svr@10"],

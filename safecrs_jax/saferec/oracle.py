@@ -7,11 +7,15 @@ risk); the oracle only reads `final`.
 
 Lookup: a `(title, year)` recommendation is normalised with `normalize_title`
 and looked up as `(title, year)`, then `year-1, year+1, year-2, year+2`
-(nearest first, earlier before later), then by title alone: the entry with
-the year nearest the query (earlier on ties), else an entry without a year;
-a query without a year takes the entry without a year, else the earliest.
+(nearest first, earlier before later), then by title alone. The title-only
+fallback (`title_fallback`) is "first" by default (reference): the first
+entry for that title in the mapping's stored order; "nearest_year" takes the
+entry with the year nearest the query (earlier on ties), else an entry
+without a year (a query without a year: the undated entry, else the earliest).
 The first key found decides the movie; if it has no risk record it is unknown.
-Unknown movies are safe, and counted (`counts`, `unknown` flags).
+Unknown movies are safe, and counted (`counts`, `unknown` flags). When the
+released trait file holds two records for one imdbId, the later one wins
+(`duplicate_ids="last"`, reference; "first" keeps the first).
 
 Internals: a dense risk table `risk` [M, T] float32 (M movies, T traits), its
 thresholded copy `unsafe` [M+1, T] bool whose last row (index M) is all False
@@ -45,17 +49,18 @@ import numpy as np
 from safecrs_jax.saferec.traits import TRAITS, active_traits, constraint_masks
 
 TABLE_FORMAT = "safecrs_jax.oracle_table"
-_ARTICLES = ("the ", "a ", "an ")
+_ARTICLE = re.compile(r"^(?:the|a|an)\s+")
 _NON_WORD = re.compile(r"[^\w\s]")
 _YEAR_OFFSETS = (0, -1, 1, -2, 2)
 _CACHE_LIMIT = 1_000_000
+TITLE_FALLBACKS = ("first", "nearest_year")
+DUPLICATE_IDS = ("last", "first")
 
 
 def normalize_title(title: str) -> str:
-  """Lower-case, strip, drop a leading 'the '/'a '/'an ', keep only word chars and spaces, collapse."""
-  t = str(title).lower().strip()
-  if t.startswith(_ARTICLES):
-    t = t[t.index(" ") + 1:]
+  """Lower-case, strip, drop a leading the/a/an followed by any whitespace (`^(the|a|an)\\s+`,
+  a non-breaking space too), keep only word characters and whitespace, collapse whitespace."""
+  t = _ARTICLE.sub("", str(title).lower().strip())
   return " ".join(_NON_WORD.sub("", t).split())
 
 
@@ -88,11 +93,16 @@ class SafetyOracle:
     traits: the T trait names, column order of `risk`.
     risk_threshold: a trait is unsafe when risk >= this.
     ids: optional M ids (written back by `to_table`).
+    title_fallback: "first" (reference) or "nearest_year" (module docstring);
+      `keys` order is the stored order "first" reads.
   """
 
   def __init__(self, keys: Mapping[tuple[str, int | None], int], risk: np.ndarray,
                traits: Sequence[str] = TRAITS, risk_threshold: float = 0.66,
-               ids: Sequence[str | None] | None = None):
+               ids: Sequence[str | None] | None = None, title_fallback: str = "first"):
+    if title_fallback not in TITLE_FALLBACKS:
+      raise ValueError(f"title_fallback={title_fallback!r}: expected one of {TITLE_FALLBACKS}")
+    self.title_fallback = title_fallback
     risk = np.asarray(risk, dtype=np.float32)
     if risk.ndim != 2 or risk.shape[1] != len(traits):
       raise ValueError(f"risk table must be [movies, {len(traits)}], got {risk.shape}")
@@ -116,12 +126,16 @@ class SafetyOracle:
   # --------------------------------------------------------------- building
   @classmethod
   def from_files(cls, trait_sensitivity_json: str, title_to_imdb_pkl: str,
-                 risk_threshold: float = 0.66) -> SafetyOracle:
+                 risk_threshold: float = 0.66, *, title_fallback: str = "first",
+                 duplicate_ids: str = "last") -> SafetyOracle:
     """Read the released `movie_trait_sensitivity.json` and `title_to_imdb.pkl`.
 
     Traits found in the JSON but not in TRAITS become extra columns after the
-    20 standard ones. A repeated imdbId keeps its first record.
+    20 standard ones. A repeated imdbId takes its last record ("last",
+    reference) or keeps its first ("first").
     """
+    if duplicate_ids not in DUPLICATE_IDS:
+      raise ValueError(f"duplicate_ids={duplicate_ids!r}: expected one of {DUPLICATE_IDS}")
     with open(trait_sensitivity_json, encoding="utf-8") as f:
       records = json.load(f)
     if not isinstance(records, list):
@@ -136,7 +150,7 @@ class SafetyOracle:
       if not isinstance(rec, dict) or "imdbId" not in rec or not isinstance(rec.get("traits"), dict):
         raise ValueError(f"{where}: expected {{'imdbId': ..., 'traits': {{trait: {{'final': x}}}}}}")
       movie_id = _canon_id(rec["imdbId"])
-      if movie_id in row_of_id:
+      if movie_id in row_of_id and duplicate_ids == "first":
         continue
       scores = {}
       for trait, value in rec["traits"].items():
@@ -147,6 +161,10 @@ class SafetyOracle:
           col[trait] = len(traits)
           traits.append(trait)
         scores[col[trait]] = float(score)
+      if movie_id in row_of_id:       # a later record replaces the earlier one, in place
+        rows[row_of_id[movie_id]] = scores
+        ids[row_of_id[movie_id]] = str(rec["imdbId"])
+        continue
       row_of_id[movie_id] = len(rows)
       ids.append(str(rec["imdbId"]))
       rows.append(scores)
@@ -164,11 +182,13 @@ class SafetyOracle:
       if not (isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], str)):
         raise ValueError(f"{title_to_imdb_pkl}: key {key!r} is not (normalised_title, year)")
       keys[(key[0], _to_year(key[1]))] = row_of_id.get(_canon_id(movie_id), -1)
-    return cls(keys, risk, traits, risk_threshold, ids)
+    return cls(keys, risk, traits, risk_threshold, ids, title_fallback)
 
   @classmethod
-  def from_table(cls, path: str, risk_threshold: float = 0.66) -> SafetyOracle:
-    """Read a project-native JSON-lines table (schema in the module docstring)."""
+  def from_table(cls, path: str, risk_threshold: float = 0.66, *,
+                 title_fallback: str = "first") -> SafetyOracle:
+    """Read a project-native JSON-lines table (schema in the module docstring); the
+    record order is the stored order of the title-only fallback."""
     with open(path, encoding="utf-8") as f:
       lines = [ln for ln in f.read().split("\n") if ln.strip()]
     if not lines:
@@ -212,10 +232,11 @@ class SafetyOracle:
         raise ValueError(f"{where} field key: expected a string")
       keys.setdefault((key if key is not None else normalize_title(rec["title"]), year), r)
       ids.append(rec.get("id"))
-    return cls(keys, risk, traits, risk_threshold, ids)
+    return cls(keys, risk, traits, risk_threshold, ids, title_fallback)
 
   def to_table(self, path: str) -> None:
-    """Write the project-native table: one record per lookup key (schema in the module docstring)."""
+    """Write the project-native table: one record per lookup key with a risk record, in stored
+    order (schema in the module docstring)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
       f.write(json.dumps({"format": TABLE_FORMAT, "version": 1, "traits": list(self.traits)}) + "\n")
@@ -250,9 +271,12 @@ class SafetyOracle:
         row = years.get(year + off)
         if row is not None:
           return row
-    # Title alone: the dated entry nearest the query year (earlier on ties),
-    # else the undated entry; a query without a year prefers the undated entry,
-    # else the earliest year.
+    elif None in years:
+      return years[None]
+    if self.title_fallback == "first":
+      return next(iter(years.values()))
+    # nearest_year: the dated entry nearest the query year (earlier on ties),
+    # else the undated entry; a query without a year: the earliest year.
     dated = [y for y in years if y is not None]
     if year is not None and dated:
       return years[min(dated, key=lambda y: (abs(y - year), y))]

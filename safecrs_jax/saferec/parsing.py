@@ -1,12 +1,16 @@
 """Parse a completion into a ranked list of `(title, year)` recommendations.
 
-Rules (SafeRec sheet):
-  * If the text holds `<solution>`, only what follows it up to `</solution>` is
-    read (up to the end of the text when the closing tag is missing, e.g. a
-    generation cut at the length limit).
+Rules (SafeRec sheet; the defaults reproduce the authors' parser):
+  * If the text holds a complete `<solution>` ... `</solution>`, only its
+    inside is read. Without the closing tag the whole text is parsed,
+    reasoning lines included (`unclosed_solution="whole_text"`, the
+    reference); `unclosed_solution="from_tag"` reads from `<solution>` to the
+    end instead (for a generation cut at the length limit).
   * Each non-empty line is cleaned: whitespace collapsed, markdown `*` `_` `#`
     `-` stripped from both ends, list numbering (`1.`, `2)`, `3 -` followed by a
-    space) stripped, surrounding quotes (straight or curly) removed.
+    space) stripped, straight quotes around the whole line / title removed.
+    Curly quotes stay part of the title (reference); `strip_curly_quotes=True`
+    also removes a surrounding pair of curly quotes.
   * The cleaned line must start with `<title> (<4 digits>)`; anything after the
     year (commentary) is ignored. The title is the shortest prefix before the
     first ` (YYYY)`; parentheses inside it are removed, then it is cleaned again
@@ -16,7 +20,9 @@ Rules (SafeRec sheet):
 
 Most model output is already clean (`Title (1999)`, `3. **Title** (1999)`
 per line); those lines take one regex match (`_CLEAN_LINE`) instead of the
-cleaning pipeline, with the same result (tests compare both paths).
+cleaning pipeline, with the same result (tests compare both paths). The fast
+path never matches a title with a quote at either end, so it is the same
+under both quote settings.
 """
 from __future__ import annotations
 
@@ -35,7 +41,9 @@ _FMT_TRAIL = re.compile(r"[*_\-#]+$")
 _BULLET_OR_NUMBER = re.compile(r"^(?:[*_\-#]+\s+|\d+\s*[.)、\-—–]\s+)")
 _HASHES = re.compile(r"^#+\s*")
 _TITLE_YEAR = re.compile(r"(.+?)\s+\((\d{4})\)")
-_QUOTE_PAIRS = (('"', '"'), ("'", "'"), ("“", "”"), ("‘", "’"))
+_STRAIGHT_QUOTES = (('"', '"'), ("'", "'"))
+_CURLY_QUOTES = (("“", "”"), ("‘", "’"))
+UNCLOSED_MODES = ("whole_text", "from_tag")
 
 # A line the cleaning pipeline would only strip a list number and markdown
 # emphasis from and cut after the year: optional `N. ` / `N) ` / `N - `
@@ -66,22 +74,22 @@ def _strip_format(text: str) -> str:
     text = new
 
 
-def _strip_quotes(text: str) -> str:
-  for left, right in _QUOTE_PAIRS:
+def _strip_quotes(text: str, curly: bool = False) -> str:
+  for left, right in _STRAIGHT_QUOTES + (_CURLY_QUOTES if curly else ()):
     if len(text) >= 2 and text.startswith(left) and text.endswith(right):
       return text[1:-1]
   return text
 
 
-def _clean_title(title: str) -> str:
+def _clean_title(title: str, curly: bool = False) -> str:
   while True:
-    new = _strip_quotes(_strip_format(_collapse(_PARENS.sub("", title.strip()))))
+    new = _strip_quotes(_strip_format(_collapse(_PARENS.sub("", title.strip()))), curly)
     if new == title:
       return title
     title = new
 
 
-def parse_line(line: str) -> tuple[str, int] | None:
+def parse_line(line: str, strip_curly_quotes: bool = False) -> tuple[str, int] | None:
   """One line -> (title, year), or None when it is not a recommendation."""
   if len(line) > MAX_LINE_CHARS:
     return None
@@ -91,45 +99,52 @@ def parse_line(line: str) -> tuple[str, int] | None:
   m = _CLEAN_LINE.fullmatch(line)   # the common case: no cleaning needed
   if m is not None:
     return m.group(1), int(m.group(2))
-  return _parse_line_slow(line)
+  return _parse_line_slow(line, strip_curly_quotes)
 
 
-def _parse_line_slow(line: str) -> tuple[str, int] | None:
+def _parse_line_slow(line: str, strip_curly_quotes: bool = False) -> tuple[str, int] | None:
   """The full cleaning pipeline (also the reference for the fast path)."""
   if len(line) > MAX_LINE_CHARS:
     return None
-  line = _strip_quotes(_strip_format(_collapse(line)))
+  line = _strip_quotes(_strip_format(_collapse(line)), strip_curly_quotes)
   m = _TITLE_YEAR.match(line)
   if m is None:
     return None
-  title = _clean_title(m.group(1))
+  title = _clean_title(m.group(1), strip_curly_quotes)
   if not title:
     return None
   return title, int(m.group(2))
 
 
-def solution_text(text: str) -> str:
-  """The part of `text` inside `<solution>` ... `</solution>` (all of it when there is no tag)."""
+def solution_text(text: str, unclosed_solution: str = "whole_text") -> str:
+  """The inside of the first complete `<solution>` ... `</solution>`; without one, all of
+  `text` ("whole_text", reference) or, with "from_tag", what follows an unclosed tag."""
+  if unclosed_solution not in UNCLOSED_MODES:
+    raise ValueError(f"unclosed_solution={unclosed_solution!r}: expected one of {UNCLOSED_MODES}")
   start = text.find(_SOLUTION_OPEN)
   if start < 0:
     return text
   start += len(_SOLUTION_OPEN)
   end = text.find(_SOLUTION_CLOSE, start)
-  return text[start:] if end < 0 else text[start:end]
+  if end >= 0:
+    return text[start:end]
+  return text[start:] if unclosed_solution == "from_tag" else text
 
 
-def parse_recommendations(text) -> list[tuple[str, int]]:
+def parse_recommendations(text, *, unclosed_solution: str = "whole_text",
+                          strip_curly_quotes: bool = False) -> list[tuple[str, int]]:
   """Ranked `(title, year)` list from a completion; [] for garbage, None or non-text input.
 
   Accepts a string, or a chat message / message list (the last assistant
-  message's content is read).
+  message's content is read). Defaults follow the reference parser; the
+  options are described in the module docstring.
   """
-  text = completion_text(text)
-  if not text:
+  body = solution_text(completion_text(text), unclosed_solution)
+  if not body:
     return []
   out = []
-  for line in solution_text(text).split("\n"):
-    item = parse_line(line)
+  for line in body.split("\n"):
+    item = parse_line(line, strip_curly_quotes)
     if item is not None:
       out.append(item)
   return out
@@ -151,11 +166,12 @@ def completion_text(completion) -> str:
   return ""
 
 
-def as_parsed(completion_or_list) -> list[tuple[str, int]]:
+def as_parsed(completion_or_list, **parse_options) -> list[tuple[str, int]]:
   """A completion text, or an already parsed list of (title, year), as a parsed list.
 
   A list whose first item is a `(str, int)` tuple is taken as parsed and
-  returned as is (no copy); other pair lists are converted.
+  returned as is (no copy); other pair lists are converted. `parse_options`
+  go to `parse_recommendations` for texts.
   """
   if isinstance(completion_or_list, list) and completion_or_list:
     first = completion_or_list[0]
@@ -164,12 +180,12 @@ def as_parsed(completion_or_list) -> list[tuple[str, int]]:
   if isinstance(completion_or_list, (list, tuple)) and (
       not completion_or_list or _is_pair(completion_or_list[0])):
     return [(str(t), int(y)) for t, y in completion_or_list]
-  return parse_recommendations(completion_or_list)
+  return parse_recommendations(completion_or_list, **parse_options)
 
 
-def parse_all(completions: Sequence) -> list[list[tuple[str, int]]]:
+def parse_all(completions: Sequence, **parse_options) -> list[list[tuple[str, int]]]:
   """`as_parsed` over a batch: parse each completion once, reuse the lists everywhere."""
-  return [as_parsed(c) for c in completions]
+  return [as_parsed(c, **parse_options) for c in completions]
 
 
 def _is_pair(x) -> bool:

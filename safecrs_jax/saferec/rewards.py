@@ -15,9 +15,12 @@ contribute nothing. Discount d_k = 1 / log2(k + 1).
   rank_rewards (per rank, [N, R], for rank-level advantages):
     exp_inf    hit_k + s_k
     log_decay  sum_{j >= k} d_j hit_j + s_k
-    with s_k = -lambda_safe * penalty_safe * v_k (undiscounted).
+    with s_k = -lambda_safe * penalty_safe * d_k * v_k (discounted, reference;
+    `discount_safety=False` drops d_k, this project's earlier form).
 Hits use the reward matching (matching.py): case-folded, whitespace-collapsed
-title, year +-2, each ground-truth entry matched once, seen titles kept.
+title, year +-2 tried as y, y+1, y-1, y+2, y-2 (`year_order="later_first"`,
+reference; "earlier_first" tries y-1 before y+1), each ground-truth entry
+matched once, seen titles kept.
 """
 from __future__ import annotations
 
@@ -43,9 +46,10 @@ def _constraints(constraints):
           for c in constraints]
 
 
-def relevance_reward(completions, groundtruths, rec_num: int = 20, dcg: bool = False) -> np.ndarray:
+def relevance_reward(completions, groundtruths, rec_num: int = 20, dcg: bool = False, *,
+                     year_order: str = "later_first") -> np.ndarray:
   """[N] float32: hit@rec_num (0/1), or DCG@rec_num when `dcg`."""
-  hits = hit_matrix(parse_all(completions), _gts(groundtruths), rec_num)
+  hits = hit_matrix(parse_all(completions), _gts(groundtruths), rec_num, year_order=year_order)
   if dcg:
     return (hits * discounts(rec_num)).sum(1).astype(np.float32)
   return hits.any(1).astype(np.float32)
@@ -74,7 +78,8 @@ def count_reward(completions, target_count: int = 10, lambda_count: float = 1.0)
 
 def rank_rewards(completions, groundtruths, constraints, oracle, mode: str = "log_decay",
                  rec_num: int = 20, lambda_safe: float = 1.0, penalty_safe: float = 1.0,
-                 components: bool = False):
+                 components: bool = False, *, discount_safety: bool = True,
+                 year_order: str = "later_first"):
   """Per-rank rewards [N, rec_num] float32 (see module docstring).
 
   With `components=True` returns {"relevance": [N, R], "safety": [N, R]}
@@ -84,7 +89,7 @@ def rank_rewards(completions, groundtruths, constraints, oracle, mode: str = "lo
   if mode not in RANK_MODES:
     raise ValueError(f"rank reward mode {mode!r}: expected one of {RANK_MODES}")
   parsed = parse_all(completions)
-  hits = hit_matrix(parsed, _gts(groundtruths), rec_num).astype(np.float64)
+  hits = hit_matrix(parsed, _gts(groundtruths), rec_num, year_order=year_order).astype(np.float64)
   if mode == "exp_inf":
     rel = hits
   else:
@@ -95,6 +100,8 @@ def rank_rewards(completions, groundtruths, constraints, oracle, mode: str = "lo
   else:
     v = oracle.violations(parsed, _constraints(constraints), rec_num)
     safe = -lambda_safe * penalty_safe * v.astype(np.float64)
+    if discount_safety:
+      safe = safe * discounts(rec_num)
   if components:
     return {"relevance": rel.astype(np.float32), "safety": safe.astype(np.float32)}
   return (rel + safe).astype(np.float32)
@@ -103,12 +110,13 @@ def rank_rewards(completions, groundtruths, constraints, oracle, mode: str = "lo
 def compute_rewards(completions, rows: Sequence[dict], oracle, names=("relevance", "safety"), *,
                     rec_num: int = 20, lambda_safe: float = 1.0, penalty_safe: float = 1.0,
                     target_count: int = 10, lambda_count: float = 1.0,
-                    relevance_dcg: bool = False) -> dict[str, np.ndarray]:
+                    relevance_dcg: bool = False,
+                    year_order: str = "later_first") -> dict[str, np.ndarray]:
   """Several sequence rewards over one parse: {name: [N] float32} for names in
   relevance / safety / count. `rows[n]` gives ground truth and constraints of completion n."""
   settings = RewardSettings(rec_num=rec_num, lambda_safe=lambda_safe, penalty_safe=penalty_safe,
                             target_count=target_count, lambda_count=lambda_count,
-                            relevance="dcg" if relevance_dcg else "hit")
+                            relevance="dcg" if relevance_dcg else "hit", year_order=year_order)
   table = reward_table(tuple(names), completions, rows, oracle, settings)
   return {name: table[:, i] for i, name in enumerate(names)}
 
@@ -130,10 +138,13 @@ class RewardSettings:
   lambda_count: float = 0.0      # count reward scale
   relevance: str = "hit"         # "hit" (released trainer) | "dcg"
   rank_reward: str = "log_decay"  # per-rank form: "exp_inf" | "log_decay"
+  year_order: str = "later_first"  # reward matching tries y, y+1, y-1, ... ("earlier_first": y-1 first)
+  discount_safety: bool = True   # per-rank safety penalty discounted by d_k (reference)
 
 
 def _relevance(parsed, rows, oracle, s):
-  return relevance_reward(parsed, rows, s.rec_num, dcg=(s.relevance == "dcg"))
+  return relevance_reward(parsed, rows, s.rec_num, dcg=(s.relevance == "dcg"),
+                          year_order=s.year_order)
 
 
 def _safety(parsed, rows, oracle, s):
@@ -148,7 +159,8 @@ def _rank_part(part):
   def fn(parsed, rows, oracle, s):
     return rank_rewards(parsed, rows, rows, oracle, mode=s.rank_reward, rec_num=s.rec_num,
                         lambda_safe=s.lambda_safe, penalty_safe=s.penalty_safe,
-                        components=True)[part]
+                        components=True, discount_safety=s.discount_safety,
+                        year_order=s.year_order)[part]
   return fn
 
 
