@@ -1,4 +1,4 @@
-"""Fidelity to the authors' reference implementation (issue 10, SafeRec part).
+"""Fidelity to the authors' reference implementation (issue 10): every row of its table.
 
 One test (or a few) per row of the issue's table; each asserts the reference
 behaviour, which is the default, and this project's earlier behaviour under
@@ -16,7 +16,11 @@ import numpy as np
 import pytest
 
 from configs import common
-from safecrs_jax import assets, saferec, tokens
+import ml_collections
+
+from configs import demo as demo_config
+from configs import llama31, qwen25
+from safecrs_jax import advantages, assets, gdpo, optim, saferec, sft, tokens
 from safecrs_jax.saferec import matching, mini, parsing
 from safecrs_jax.saferec.traits import TRAITS
 
@@ -394,3 +398,77 @@ def test_loaders_keep_every_extra_field(tmp_path):
   for r in saferec.load_split(str(tmp_path / "released"), "test"):
     assert {k: r[k] for k in EXTRAS} == EXTRAS
     assert r["groundtruth_with_release_year"] == [["Heat", 1995]]
+
+
+# -- training rows (1, 2, 12, 14, 17 advantage side, 18) --------------------------------
+
+def _gdpo_section(**kw):
+  g = common.build(stage="gdpo").gdpo
+  g.update(kw)
+  return g
+
+
+def test_row1_gdpo_batch_counts_completions():
+  # reference: 4 completions per device x 8 accumulation with G = 8 -> 4 prompts per
+  # device per optimizer step, pooled into one normalisation.
+  geo = gdpo.batch_geometry(_gdpo_section(), dp=1)
+  assert (geo["step_prompts"], geo["micro_rows"], geo["accum"]) == (4, 4, 8)
+  assert gdpo.batch_geometry(_gdpo_section(), dp=8)["step_prompts"] == 32
+  # micro-batches of 4 rows hold half a group: one rollout call for the whole step
+  assert (geo["chunks"], geo["chunk_prompts"]) == (1, 4)
+  # ours: batch_size counts prompts (x G completions): 8x more per step
+  ours = gdpo.batch_geometry(_gdpo_section(batch_unit="prompts"), dp=1)
+  assert (ours["step_prompts"], ours["micro_rows"], ours["chunks"]) == (32, 32, 8)
+  with pytest.raises(ValueError, match="whole groups"):
+    gdpo.batch_geometry(_gdpo_section(batch_size=3, grad_accum=1), dp=1)
+  # the demo keeps its step: 32 completions = 8 prompts x G = 4
+  d = demo_config.get_config("stage=gdpo").gdpo
+  assert gdpo.batch_geometry(d, dp=1)["step_prompts"] == 8
+
+
+def test_row2_gdpo_lr_drops_for_3b_8b():
+  c = llama31.get_config("stage=gdpo")
+  sched = optim.make_schedule(c.optim, 10_000)
+  assert float(sched(0)) == pytest.approx(1e-6) and float(sched(7999)) == pytest.approx(1e-6)
+  assert float(sched(8000)) == pytest.approx(1e-7) and float(sched(9999)) == pytest.approx(1e-7)
+  q = qwen25.get_config("stage=gdpo")                       # the 0.5B model: constant
+  assert float(optim.make_schedule(q.optim, 10_000)(9000)) == pytest.approx(1e-6)
+
+
+def test_row12_sft_targets_verbatim_by_default():
+  c = common.build(stage="sft")
+  assert c.sft.curate is False
+  row = {"completion": "<reasoning>r</reasoning>\n<solution>\nA (2000)\n</solution>",
+         "constraints": {HORROR: True}}
+  rows, report = sft.prepare_rows([row], c)               # no oracle needed, text untouched
+  assert rows[0]["completion"] == row["completion"] and report["rows_out"] == 1
+  c.sft.reasoning = False                                 # option: strip the reasoning block
+  assert sft.prepare_rows([row], c)[0][0]["completion"] == "<solution>\nA (2000)\n</solution>"
+
+
+def test_row14_lora_defaults():
+  lora = common.build(stage="sft").sft.lora
+  assert (lora.alpha, lora.dropout) == (32.0, 0.05)
+  assert qwen25.get_config("stage=sft").sft.lora.rank == 0     # full fine-tuning unless asked
+
+
+def test_row17_rank_gdpo_renormalises_over_the_batch():
+  # 2 groups x 2 rollouts, 1 reward, 2 ranks. Per group and rank: (x - mean) / (std + eps);
+  # for two values a, b: +-(|a - b| / 2) / (|a - b| / sqrt(2) + eps) (unbiased std).
+  r = np.array([[[1.0, 0.0]], [[0.0, 0.0]], [[3.0, 1.0]], [[1.0, 2.0]]], np.float32)
+  no_bn = np.asarray(advantages.compute_advantages(r, 2, mode="rank_no_batch_norm"))
+  pair = lambda d: (d / 2) / (d / math.sqrt(2) + advantages.ADV_EPS)   # noqa: E731
+  e1, e2 = pair(1.0), pair(2.0)                                        # |a - b| = 1 and 2
+  np.testing.assert_allclose(no_bn, [[e1, 0], [-e1, 0], [e2, -e1], [-e2, e1]], rtol=1e-5)
+  got = np.asarray(advantages.compute_advantages(r, 2, mode="rank"))
+  flat = no_bn.reshape(-1)                                # then over all 8 (row, rank) entries
+  want = (flat - flat.mean()) / (flat.std(ddof=1) + advantages.ADV_EPS)
+  np.testing.assert_allclose(got.reshape(-1), want, rtol=1e-5)
+  assert not np.allclose(got, no_bn)
+
+
+def test_row18_no_prompt_cut_by_default():
+  c = common.build(stage="gdpo")
+  assert c.gdpo.max_prompt_length + c.gdpo.max_completion_length == 8192
+  assert max(c.gdpo.prompt_buckets) == c.gdpo.max_prompt_length
+  assert c.eval.max_prompt_length == c.gdpo.max_prompt_length
