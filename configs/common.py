@@ -47,9 +47,11 @@ def paper_model(arg, preset, *, remat, gdpo_lr_drop=None):
   arg: stage=sft|gdpo, data_dir= (released SafeRec root; required to train),
   model_dir= (HF dir of the instruct model; empty = random init from the
   preset, for shape checks and smoke runs only), init= (gdpo: the Safe-SFT
-  run dir / step dir to start from).
+  run dir / step dir to start from; a LoRA run is merged on load), lora=1
+  (sft: LoRA Safe-SFT with the reference's r 16, alpha 32, dropout 0.05
+  instead of full fine-tuning).
   """
-  a = parse_arg(arg, stage="sft", data_dir="", model_dir="", init="")
+  a = parse_arg(arg, stage="sft", data_dir="", model_dir="", init="", lora=False)
   c = build(stage=a.stage, model_preset=preset, model_dir=a.model_dir, data_dir=a.data_dir,
             tokenizer_path="")
   c.model.dtype = "bfloat16"     # bf16 compute, float32 master weights (param_dtype)
@@ -59,6 +61,8 @@ def paper_model(arg, preset, *, remat, gdpo_lr_drop=None):
   # more chips than the batch allows, move devices to "data" (or "tensor").
   c.mesh.shape = (("data", 1), ("fsdp", -1), ("tensor", 1))
   c.gdpo.init_checkpoint = a.init
+  if a.lora:
+    c.sft.lora.rank = 16         # alpha 32 and dropout 0.05 are the shared defaults
   if a.stage == "gdpo" and gdpo_lr_drop:   # reference: 1e-7 from step 8000 for 3B / 8B
     c.optim.lr_drop_step, c.optim.lr_drop_to = gdpo_lr_drop
   return c

@@ -450,6 +450,8 @@ def test_row14_lora_defaults():
   lora = common.build(stage="sft").sft.lora
   assert (lora.alpha, lora.dropout) == (32.0, 0.05)
   assert qwen25.get_config("stage=sft").sft.lora.rank == 0     # full fine-tuning unless asked
+  on = llama31.get_config("stage=sft,lora=1").sft.lora          # one argument: LoRA Safe-SFT
+  assert (on.rank, on.alpha, on.dropout) == (16, 32.0, 0.05)
 
 
 def test_row17_rank_gdpo_renormalises_over_the_batch():
