@@ -1,18 +1,18 @@
 """Attention kernels by backend: today's einsum (xla), cuDNN flash (GPU), splash (TPU).
 
 Shape legend: B batch, T query length, S key length (T without a cache), N query
-heads, K kv heads, G = N // K, H head_dim. Queries arrive pre-scaled by H^-0.5.
+heads, K kv heads, Q = N // K query heads per kv head, H head_dim. Queries arrive pre-scaled by H^-0.5.
 
 ModelConfig.attention picks the kernel of calls without a KV cache (training, the
 learner's and reference log-probs, forward / forward_hidden):
   auto    splash on TPU, cudnn on GPU with a bf16/fp16 compute dtype, else xla
-  xla     layers._attend: [B,K,G,T,S] float32 scores, any mask, any device
+  xla     layers._attend: [B,K,Q,T,S] float32 scores, any mask, any device
   cudnn   jax.nn.dot_product_attention(implementation="cudnn"): flash attention,
           no [T,S] buffer; GPU only, bf16/fp16, head_dim a multiple of 8
   splash  Pallas splash attention inside shard_map (batch and kv heads sharded as
           the activations are); TPU only, T a multiple of 128
 Calls with a KV cache (prefill, decode) always use xla: a decode step's scores are
-[B,K,G,1,S], and the cache's slot layout is not what the kernels expect.
+[B,K,Q,1,S], and the cache's slot layout is not what the kernels expect.
 
 Padding. Both flash kernels take the per-key validity of a (left- and/or
 right-)padded batch, key_valid [B,T], whose valid tokens must be one contiguous run
@@ -89,8 +89,8 @@ def _roll_rows(x, shift):
 def sdpa_attention(q, k, v, key_valid, *, implementation="cudnn"):
   """Causal attention of a padded batch via jax.nn.dot_product_attention.
 
-  q [B,K,G,T,H] pre-scaled; k, v [B,K,T,H]; key_valid [B,T] bool, one contiguous
-  run of valid tokens per row -> [B,K,G,T,H]. Rows are rolled so the run starts at
+  q [B,K,Q,T,H] pre-scaled; k, v [B,K,T,H]; key_valid [B,T] bool, one contiguous
+  run of valid tokens per row -> [B,K,Q,T,H]. Rows are rolled so the run starts at
   slot 0, attended with sequence lengths, and rolled back. implementation="xla"
   runs the same arithmetic on any device (it materialises the scores).
   """
@@ -109,7 +109,7 @@ def sdpa_attention(q, k, v, key_valid, *, implementation="cudnn"):
 
 @functools.lru_cache(maxsize=16)
 def _splash_kernel(g: int, t: int, interpret: bool):
-  """Single-device splash MHA kernel over G heads of a causal T x T mask."""
+  """Single-device splash MHA kernel over Q heads of a causal T x T mask."""
   block = next(bl for bl in (SPLASH_BLOCK, 256, 128) if t % bl == 0)
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                             block_q_dkv=block, block_kv_dkv=block,
@@ -119,12 +119,12 @@ def _splash_kernel(g: int, t: int, interpret: bool):
 
 
 def _splash_local(q, k, v, key_valid, interpret):
-  """Unsharded splash: q [b,k,G,T,H]; k, v [b,k,T,H]; key_valid [b,T]."""
+  """Unsharded splash: q [b,k,Q,T,H]; k, v [b,k,T,H]; key_valid [b,T]."""
   g, t = q.shape[2], q.shape[3]
   kernel = _splash_kernel(g, t, interpret)
   seg = key_valid.astype(jnp.int32)                                   # [b,T]
 
-  def one(q1, k1, v1, s1):          # q1 [G,T,H]; k1, v1 [T,H] -> one kv head, G queries
+  def one(q1, k1, v1, s1):          # q1 [Q,T,H]; k1, v1 [T,H] -> one kv head, Q queries
     ids = splash.SegmentIds(q=s1, kv=s1)
     kk = jnp.broadcast_to(k1, (g,) + k1.shape)
     vv = jnp.broadcast_to(v1, (g,) + v1.shape)
@@ -137,7 +137,7 @@ def _splash_local(q, k, v, key_valid, interpret):
 def splash_attention(q, k, v, key_valid, *, mesh=None, rules=None, interpret=False):
   """Causal splash attention of a padded batch (TPU; interpret=True runs anywhere, slowly).
 
-  q [B,K,G,T,H] pre-scaled; k, v [B,K,T,H]; key_valid [B,T] bool -> [B,K,G,T,H].
+  q [B,K,Q,T,H] pre-scaled; k, v [B,K,T,H]; key_valid [B,T] bool -> [B,K,Q,T,H].
   Pads get segment 0 and tokens segment 1, so a token attends earlier tokens only,
   and every row has at least itself. With a mesh, runs per shard in shard_map,
   batch and kv heads laid out by `rules` (act_batch, act_kv_heads).

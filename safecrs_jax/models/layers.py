@@ -2,7 +2,7 @@
 
 Shape legend:
   B batch, T query length, S key length (T, or cache slots), L layers,
-  D hidden_size, N query heads, K kv heads, G = N // K, H head_dim,
+  D hidden_size, N query heads, K kv heads, Q = N // K query heads per kv head, H head_dim,
   F intermediate_size, V vocab.
 Parameter names follow the HF checkpoint (q_proj, gate_proj, input_layernorm ...);
 kernels are [in, out] (HF stores [out, in]).
@@ -159,23 +159,23 @@ def dense(x: Array, weights: list, cfg: ModelConfig, fuse: bool) -> list:
 
 
 def _attend(q, k, v, mask, dt):
-  """Softmax attention. q [B,K,G,T,H] (pre-scaled); k, v [B,K,S,H]; mask [B,1,1,T,S].
+  """Softmax attention. q [B,K,Q,T,H] (pre-scaled); k, v [B,K,S,H]; mask [B,1,1,T,S].
 
-  The G query heads of a kv head are merged into the row dim (M = G*T), so every
+  The Q query heads of a kv head are merged into the row dim (Q*T rows), so every
   matmul contracts a single dim: XLA:CPU runs them as plain batched GEMMs in the
   backward pass too (no transposed copies of [T, S] arrays). The softmax
   normalisation is deferred to the [T, H] output (one pass less over the scores);
-  fully masked rows become uniform, not NaN. Returns [B,K,G,T,H] in dt.
+  fully masked rows become uniform, not NaN. Returns [B,K,Q,T,H] in dt.
   """
   b, kh, g, t, h = q.shape
   s = k.shape[2]
-  scores = jnp.einsum("bkmh,bksh->bkms", q.reshape(b, kh, g * t, h), k)   # [B,K,M,S]
-  scores = scores.reshape(b, kh, g, t, s).astype(jnp.float32)             # [B,K,G,T,S]
+  scores = jnp.einsum("bkmh,bksh->bkms", q.reshape(b, kh, g * t, h), k)   # [B,K,Q*T,S]
+  scores = scores.reshape(b, kh, g, t, s).astype(jnp.float32)             # [B,K,Q,T,S]
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   peak = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
-  weights = jnp.exp(scores - peak).astype(dt)                             # [B,K,G,T,S]
-  denom = jnp.sum(weights, axis=-1, keepdims=True, dtype=jnp.float32)     # [B,K,G,T,1]
-  out = jnp.einsum("bkms,bksh->bkmh", weights.reshape(b, kh, g * t, s), v)  # [B,K,M,H]
+  weights = jnp.exp(scores - peak).astype(dt)                             # [B,K,Q,T,S]
+  denom = jnp.sum(weights, axis=-1, keepdims=True, dtype=jnp.float32)     # [B,K,Q,T,1]
+  out = jnp.einsum("bkms,bksh->bkmh", weights.reshape(b, kh, g * t, s), v)  # [B,K,Q*T,H]
   return out.reshape(b, kh, g, t, h) / denom.astype(dt)
 
 
@@ -227,11 +227,11 @@ class Attention(nn.Module):
       v = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False)   # [B,S,K,H]
       kv = (cache_k, cache_v, layer, index)
 
-    q = q.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)              # [B,K,G,T,H]
+    q = q.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)              # [B,K,Q,T,H]
     q = q * jnp.asarray(h ** -0.5, dt)
     kk = kk.astype(dt).transpose(0, 2, 1, 3)                          # [B,K,S,H]
     v = v.astype(dt).transpose(0, 2, 1, 3)                            # [B,K,S,H]
-    out = self._attention(q, kk, v, mask, cached=kv is not None)      # [B,K,G,T,H]
+    out = self._attention(q, kk, v, mask, cached=kv is not None)      # [B,K,Q,T,H]
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * h)           # [B,T,N*H]
     out = shd.constrain(out, ("act_batch", "act_length", "act_heads"), self.mesh, self.rules)
     (y,) = dense(out, [DenseParams(n * h, cfg.hidden_size, ("heads", "embed"), cfg,
@@ -241,7 +241,7 @@ class Attention(nn.Module):
 
 
   def _attention(self, q, k, v, mask, cached):
-    """q [B,K,G,T,H] pre-scaled; k, v [B,K,S,H]; mask [B,1,1,T,S] -> [B,K,G,T,H]."""
+    """q [B,K,Q,T,H] pre-scaled; k, v [B,K,S,H]; mask [B,1,1,T,S] -> [B,K,Q,T,H]."""
     impl = "xla" if cached else attention_lib.resolve(self.cfg, self.mesh)
     if impl == "cudnn":
       return attention_lib.sdpa_attention(q, k, v, attention_lib.key_validity(mask))

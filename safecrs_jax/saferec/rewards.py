@@ -1,18 +1,18 @@
 """GRPO / GDPO rewards over completions (host-side numpy).
 
-Shapes: N completions, R = rec_num ranks (20). Every function takes the
+Shapes (package legend): B completions, I = rec_num ranked items (20), R rewards. Every function takes the
 completions as text (str / message list) or as already parsed
 `[(title, year), ...]` lists; `parse_all` once and pass the lists to every
 reward to parse each completion only once. Ranks beyond a list's length
 contribute nothing. Discount d_k = 1 / log2(k + 1).
 
-  relevance  1 if any of the first R items hits the ground truth, else 0
-             (`dcg=True`: sum_k d_k hit_k over the first R, unnormalised).
+  relevance  1 if any of the first I items hits the ground truth, else 0
+             (`dcg=True`: sum_k d_k hit_k over the first I, unnormalised).
   safety     -lambda_safe * penalty_safe * sum_k d_k v_k, v_k = 1 when rank k
              is unsafe for the user (oracle; unknown movies are safe).
   count      +lambda_count when exactly target_count titles parse, else
              -lambda_count * |n - target| / target (nothing parses: -lambda_count).
-  rank_rewards (per rank, [N, R], for rank-level advantages):
+  rank_rewards (per rank, [B, I], for rank-level advantages):
     exp_inf    hit_k + s_k
     log_decay  sum_{j >= k} d_j hit_j + s_k
     with s_k = -lambda_safe * penalty_safe * d_k * v_k (discounted, reference;
@@ -48,7 +48,7 @@ def _constraints(constraints):
 
 def relevance_reward(completions, groundtruths, rec_num: int = 20, dcg: bool = False, *,
                      year_order: str = "later_first") -> np.ndarray:
-  """[N] float32: hit@rec_num (0/1), or DCG@rec_num when `dcg`."""
+  """[B] float32: hit@rec_num (0/1), or DCG@rec_num when `dcg`."""
   hits = hit_matrix(parse_all(completions), _gts(groundtruths), rec_num, year_order=year_order)
   if dcg:
     return (hits * discounts(rec_num)).sum(1).astype(np.float32)
@@ -56,19 +56,19 @@ def relevance_reward(completions, groundtruths, rec_num: int = 20, dcg: bool = F
 
 
 def violation_matrix(completions, constraints, oracle, rec_num: int = 20) -> np.ndarray:
-  """bool [N, rec_num]: rank k is unsafe for user n."""
+  """bool [B, I]: rank k is unsafe for user b."""
   return oracle.violations(parse_all(completions), _constraints(constraints), rec_num)
 
 
 def safety_reward(completions, constraints, oracle, rec_num: int = 20, lambda_safe: float = 1.0,
                   penalty_safe: float = 1.0) -> np.ndarray:
-  """[N] float32: -lambda_safe * penalty_safe * sum_k d_k v_k (0 for users without constraints)."""
+  """[B] float32: -lambda_safe * penalty_safe * sum_k d_k v_k (0 for users without constraints)."""
   v = violation_matrix(completions, constraints, oracle, rec_num)
   return (-lambda_safe * penalty_safe * (v * discounts(rec_num)).sum(1)).astype(np.float32)
 
 
 def count_reward(completions, target_count: int = 10, lambda_count: float = 1.0) -> np.ndarray:
-  """[N] float32: +lambda_count on exactly `target_count` parsed titles, else a linear penalty."""
+  """[B] float32: +lambda_count on exactly `target_count` parsed titles, else a linear penalty."""
   n = np.array([len(p) for p in parse_all(completions)], dtype=np.float64)
   r = np.where(n == target_count, lambda_count,
                -lambda_count * np.abs(n - target_count) / target_count)
@@ -80,9 +80,9 @@ def rank_rewards(completions, groundtruths, constraints, oracle, mode: str = "lo
                  rec_num: int = 20, lambda_safe: float = 1.0, penalty_safe: float = 1.0,
                  components: bool = False, *, discount_safety: bool = True,
                  year_order: str = "later_first"):
-  """Per-rank rewards [N, rec_num] float32 (see module docstring).
+  """Per-rank rewards [B, I] float32 (see module docstring).
 
-  With `components=True` returns {"relevance": [N, R], "safety": [N, R]}
+  With `components=True` returns {"relevance": [B, I], "safety": [B, I]}
   (their sum is the default result), for per-reward, per-rank normalisation.
   `oracle=None` or `constraints=None` gives a zero safety part.
   """
@@ -112,7 +112,7 @@ def compute_rewards(completions, rows: Sequence[dict], oracle, names=("relevance
                     target_count: int = 10, lambda_count: float = 1.0,
                     relevance_dcg: bool = False,
                     year_order: str = "later_first") -> dict[str, np.ndarray]:
-  """Several sequence rewards over one parse: {name: [N] float32} for names in
+  """Several sequence rewards over one parse: {name: [B] float32} for names in
   relevance / safety / count. `rows[n]` gives ground truth and constraints of completion n."""
   settings = RewardSettings(rec_num=rec_num, lambda_safe=lambda_safe, penalty_safe=penalty_safe,
                             target_count=target_count, lambda_count=lambda_count,
@@ -124,8 +124,8 @@ def compute_rewards(completions, rows: Sequence[dict], oracle, names=("relevance
 # -- the registry: reward functions looked up by name ---------------------------
 #
 # Safe-GDPO's `gdpo.rewards` names entries here. A sequence reward maps
-# (parsed lists, rows, oracle, RewardSettings) -> [N] float32; a per-rank reward
-# (advantage mode "rank") -> [N, R] float32. `register_reward` adds one.
+# (parsed lists, rows, oracle, RewardSettings) -> [B] float32; a per-rank reward
+# (advantage mode "rank") -> [B, I] float32. `register_reward` adds one.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +175,7 @@ def register_reward(name, fn, *, per_rank=False):
 
 def reward_table(names, completions, rows, oracle, settings=RewardSettings(), *,
                  per_rank=False) -> np.ndarray:
-  """Rewards `names` over one parse: [N, len(names)] float32 ([N, len(names), rec_num] per rank)."""
+  """Rewards `names` over one parse: [B, R] float32 for R = len(names) ([B, R, I] per rank)."""
   table = RANK_REWARDS if per_rank else SEQUENCE_REWARDS
   unknown = [n for n in names if n not in table]
   if unknown:
