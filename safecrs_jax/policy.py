@@ -34,9 +34,17 @@ KINDS = ("hf", "step", "run")
 
 
 def numerics(config) -> dict:
-  """ModelConfig overrides a run config sets: dtype, param_dtype, remat, scan_layers, attention."""
+  """ModelConfig overrides a run config sets: dtype, param_dtype, remat, scan_layers, attention.
+
+  Fused q|k|v and gate|up matmuls are turned off when the mesh has a `tensor`
+  axis other than 1 (or -1): a fused kernel would be sharded across the seams
+  of its parts. The params are the same either way.
+  """
   over = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
               remat=config.model.remat, attention=config.model.get("attention", "auto"))
+  tensor = dict(shd.as_tuples(config.mesh.shape)).get("tensor", 1)
+  if int(tensor) != 1:
+    over["fuse_projections"] = False
   if config.model.get("scan_layers", None) is not None:
     over["scan_layers"] = bool(config.model.scan_layers)
   return over

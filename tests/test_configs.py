@@ -12,6 +12,7 @@ from jax.sharding import AbstractMesh, AxisType
 from ml_collections import config_flags
 
 from configs import common
+from configs import demo
 from safecrs_jax import lora, models, optim, policy, sharding
 from safecrs_jax import train_state as ts
 
@@ -121,3 +122,12 @@ def test_8b_training_state_fits_the_sharding_rules(mesh_shape):
   adapter_bytes = sum(np.prod(s.shard_shape(a.shape)) * 4 for a, s in zip(
       jax.tree.leaves(abstract_l.lora), jax.tree.leaves(sh_l.lora)))
   assert adapter_bytes < 2**30                        # small even where replicated
+
+
+def test_fused_projections_off_on_a_tensor_parallel_mesh():
+  c = demo.get_config("size=test")
+  assert policy.model_config(c).fuse_projections is True
+  c.mesh.shape = (("data", 1), ("fsdp", -1), ("tensor", 2))
+  assert policy.model_config(c).fuse_projections is False
+  c.mesh.shape = (("data", 1), ("fsdp", 2), ("tensor", -1))   # "the rest" may be > 1
+  assert policy.model_config(c).fuse_projections is False
