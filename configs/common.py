@@ -116,6 +116,9 @@ def build(*, stage, model_preset="", model_dir="", data_dir=MINI,
   c.log.every = 10               # steps between metric writes
   c.log.tensorboard = True       # also write TensorBoard events
   c.log.progress = True          # console progress bar (process 0 only)
+  c.log.wandb_project = ""       # Weights & Biases project ("" = off; needs the wandb extra)
+  c.log.wandb_mode = "online"    # "online" | "offline" (synced later with `wandb sync`)
+  c.log.profile_steps = (-1, -1)  # jax.profiler trace over loop steps [start, stop) -> <workdir>/profile
 
   c.sft = ml_collections.ConfigDict()
   c.sft.epochs = 10              # passes over the train split (num_steps wins if > 0)

@@ -372,7 +372,8 @@ def train(config, workdir):
   run = Run(config, workdir)
   run.summary = summary = {"workdir": run.workdir, "start_step": run.start_step,
                            "history": [], "preempted": False}
-  with loop.Books(run.workdir, config.log, run.num_steps, run.start_step, "gdpo") as books:
+  with loop.Books(run.workdir, config.log, run.num_steps, run.start_step, "gdpo",
+                  run_config=config) as books:
     run.notify = books.progress.write
     books.progress.write(
         f"gdpo: {len(run.rows)} prompts, {run.num_steps} steps of {run.step_prompts} prompts "

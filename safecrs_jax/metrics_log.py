@@ -1,4 +1,4 @@
-"""Metric writers (JSON lines, TensorBoard) and a console progress bar.
+"""Metric writers (JSON lines, TensorBoard, optionally Weights & Biases) and a progress bar.
 
 Generic over metric names, shared by Safe-SFT and Safe-GDPO:
 
@@ -60,14 +60,41 @@ class TensorBoardWriter:
     self._w.close()
 
 
+class WandbWriter:
+  """Scalars to a Weights & Biases run (the optional `wandb` package, extra `.[wandb]`).
+
+  `mode` is passed to wandb.init: "online", or "offline" (written under
+  <workdir>/wandb, synced later with `wandb sync`). The run id is stable per
+  workdir, so a resumed run continues the same W&B run.
+  """
+
+  def __init__(self, workdir, *, project, mode="online", name=None, config=None):
+    try:
+      import wandb  # optional dependency: only when log.wandb_project is set
+    except ImportError as e:
+      raise ImportError("log.wandb_project is set but wandb is not installed: "
+                        "pip install -e '.[wandb]'") from e
+    run_id = "safecrs-" + os.path.basename(os.path.abspath(workdir).rstrip("/"))
+    self._run = wandb.init(project=project, mode=mode, dir=workdir, id=run_id,
+                           name=name or run_id, resume="allow", config=config,
+                           reinit="create_new")
+
+  def write(self, step, metrics):
+    self._run.log({k: _scalar(v) for k, v in metrics.items()}, step=int(step))
+
+  def close(self):
+    self._run.finish()
+
+
 class MetricWriter:
-  """Fan-out to JSONL (`<workdir>/metrics.jsonl`) and TensorBoard (`<workdir>/tb`).
+  """Fan-out to JSONL (`<workdir>/metrics.jsonl`), TensorBoard (`<workdir>/tb`) and,
+  when `wandb_project` is given, Weights & Biases.
 
   Does nothing on processes other than 0 (or when `enabled=False`).
   """
 
   def __init__(self, workdir, *, tensorboard=True, jsonl_name="metrics.jsonl",
-               enabled=None):
+               enabled=None, wandb_project="", wandb_mode="online", wandb_config=None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._writers = []
     if not self.enabled:
@@ -75,6 +102,9 @@ class MetricWriter:
     self._writers.append(JsonlWriter(os.path.join(workdir, jsonl_name)))
     if tensorboard:
       self._writers.append(TensorBoardWriter(os.path.join(workdir, "tb")))
+    if wandb_project:
+      self._writers.append(WandbWriter(workdir, project=wandb_project, mode=wandb_mode,
+                                       config=wandb_config))
 
   def write(self, step, metrics):
     if not self.enabled or not metrics:

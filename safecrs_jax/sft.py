@@ -310,7 +310,8 @@ def train(config, workdir, *, stop_at=None, step_hook=None):
                      "validation": run.val_examples.report()},
       "curation": run.curation}
   eval_every = int(config.sft.eval_every)
-  with loop.Books(run.workdir, config.log, run.total_steps, start, "sft") as books:
+  with loop.Books(run.workdir, config.log, run.total_steps, start, "sft",
+                  run_config=config) as books:
     if start == 0:
       books.progress.write(
           f"sft: {len(run.train_examples)} train rows, {run.total_steps} steps, global batch "

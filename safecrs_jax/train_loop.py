@@ -116,17 +116,56 @@ class PreemptionWatch:
 
 # -- the loop -----------------------------------------------------------------
 
+def device_memory():
+  """{"mem/bytes_in_use", "mem/peak_bytes_in_use"} of this process's first device ({} on CPU)."""
+  stats = jax.local_devices()[0].memory_stats()
+  if not stats:
+    return {}
+  return {f"mem/{k}": float(stats[k]) for k in ("bytes_in_use", "peak_bytes_in_use")
+          if k in stats}
+
+
+class Profile:
+  """A jax.profiler trace over loop steps [start, stop) into <workdir>/profile (off if stop <= start)."""
+
+  def __init__(self, workdir, steps):
+    self.start, self.stop_at = (int(s) for s in steps)
+    self.logdir = os.path.join(workdir, "profile")
+    self.active = False
+
+  def before(self, step):
+    if self.stop_at > self.start and step == self.start and not self.active:
+      jax.profiler.start_trace(self.logdir)
+      self.active = True
+
+  def after(self, step, state):
+    if self.active and step >= self.stop_at:
+      jax.block_until_ready(state)
+      self.stop()
+
+  def stop(self):
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+
+
 class Books:
   """Metric writers, progress bar and preemption watch of one training call."""
 
-  def __init__(self, workdir, log_cfg, total, initial, desc):
-    self.writer = metrics_log.MetricWriter(workdir, tensorboard=bool(log_cfg.tensorboard))
+  def __init__(self, workdir, log_cfg, total, initial, desc, run_config=None):
+    self.writer = metrics_log.MetricWriter(
+        workdir, tensorboard=bool(log_cfg.tensorboard),
+        wandb_project=str(log_cfg.get("wandb_project", "")),
+        wandb_mode=str(log_cfg.get("wandb_mode", "online")),
+        wandb_config=None if run_config is None else run_config.to_dict())
+    self.profile = Profile(workdir, log_cfg.get("profile_steps", (-1, -1)))
     self.progress = metrics_log.Progress(total, initial=initial, desc=desc,
                                          enabled=bool(log_cfg.progress))
     self.watch = PreemptionWatch()
     self.desc = desc
 
   def close(self):
+    self.profile.stop()
     self.writer.close()
     self.progress.close()
     self.watch.close()
@@ -150,7 +189,7 @@ def run_loop(stage, state, start, books, *, log_every, hooks=(), stop_at=None):
   def flush():
     if pending:
       record, fields = stage.log(step, list(pending))
-      books.writer.write(step, record)
+      books.writer.write(step, dict(record, **device_memory()))
       books.progress.update(len(pending), **fields)
       pending.clear()
 
@@ -159,8 +198,10 @@ def run_loop(stage, state, start, books, *, log_every, hooks=(), stop_at=None):
 
   try:
     while step < total:
+      books.profile.before(step)
       state, out = stage.step(state, step)
       step += 1
+      books.profile.after(step, state)
       pending.append(out)
       if due(step, max(int(log_every), 1), total):
         flush()
