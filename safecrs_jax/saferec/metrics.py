@@ -165,18 +165,8 @@ def evaluate_recommendations(completions, rows: Sequence[dict], oracle, ks=DEFAU
   out, rows_out = _at_k(ks, hits, num_gt, ranked_len, viol, trait_v, masks, unknown, length,
                         traits, ideal)
   if catalog is not None:
-    if not isinstance(catalog, Catalog):
-      catalog = Catalog(catalog)
-    if catalog_protocol == "per_row":
-      n_items = np.array([min(len(p), catalog_top) for p in parsed], dtype=np.float64)
-      found = catalog.flags(parsed, catalog_top).sum(1)
-      share = np.divide(found, n_items, out=np.zeros(n_rows), where=n_items > 0)
-      out["catalog_match"] = float(share.mean()) if n_rows else 0.0
-      rows_out["catalog_match"] = share
-    else:
-      total = ranked_len.sum()
-      out["catalog_match"] = float(catalog.flags(ranked, kmax).sum() / total) if total else 0.0
-    rows_out["catalog"] = catalog.flags(items, kmax)
+    _catalog_match(Catalog(catalog) if not isinstance(catalog, Catalog) else catalog,
+                   parsed, ranked, items, kmax, catalog_protocol, catalog_top, out, rows_out)
 
   out["num_rows"] = n_rows
   out["parse_failures"] = int(sum(1 for p in parsed if not p))
@@ -190,6 +180,21 @@ def evaluate_recommendations(completions, rows: Sequence[dict], oracle, ks=DEFAU
                     ranked_items=ranked, ranked_hits=hits)
     out["per_row"] = rows_out
   return out
+
+
+def _catalog_match(catalog, parsed, ranked, items, kmax, protocol, top, out, rows_out):
+  """Adds "catalog_match" to `out` (and per-row flags to `rows_out`) by `protocol`."""
+  n_rows = len(parsed)
+  if protocol == "per_row":
+    n_items = np.array([min(len(p), top) for p in parsed], dtype=np.float64)
+    found = catalog.flags(parsed, top).sum(1)
+    share = np.divide(found, n_items, out=np.zeros(n_rows), where=n_items > 0)
+    out["catalog_match"] = float(share.mean()) if n_rows else 0.0
+    rows_out["catalog_match"] = share
+  else:
+    total = sum(len(x) for x in ranked)
+    out["catalog_match"] = float(catalog.flags(ranked, kmax).sum() / total) if total else 0.0
+  rows_out["catalog"] = catalog.flags(items, kmax)
 
 
 def _without_seen(items, row):
