@@ -34,7 +34,8 @@ from safecrs_jax import models
 from safecrs_jax.plan import flops as flops_lib
 
 _COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_CALLS = re.compile(r"(?:calls|to_apply|body|condition|branch_computations)=\{?([^}\n]*?)(?:\}|,\s|$)")
+_CALLS = re.compile(
+    r"(?:calls|to_apply|body|condition|branch_computations)=\{?([^}\n]*?)(?:\}|,\s|$)")
 _BODY = re.compile(r"\bbody=%?([\w.\-]+)")
 _SHAPE = re.compile(r"[a-z]+\d*\[([\d,]*)\]")
 _GATHER = re.compile(r"=\s*(.*?)\s(all-gather(?:-start)?)\(")
@@ -68,8 +69,7 @@ def _gathered_sizes(line) -> list:
   m = _GATHER.search(line)
   if not m:
     return []
-  dims = [d for d in _SHAPE.findall(m.group(1))]
-  sizes = [eval_size(d) for d in dims]
+  sizes = [eval_size(d) for d in _SHAPE.findall(m.group(1))]
   if m.group(2) == "all-gather-start":     # ((operands...), (results...))
     sizes = sizes[len(sizes) // 2:]
   return sizes
