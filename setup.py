@@ -43,5 +43,9 @@ setup(
         # Accelerator builds of jax; documented in the README, not used in CI.
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
+        # The planner (python -m launch.plan) compiles for TPU topologies on any
+        # machine. Keep it out of plain installs: with libtpu present, JAX
+        # without JAX_PLATFORMS=cpu probes for a TPU for minutes.
+        "plan": ["libtpu"],
     },
 )

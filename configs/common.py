@@ -57,6 +57,7 @@ def paper_model(arg, preset, *, remat, gdpo_lr_drop=None):
   c.model.dtype = "bfloat16"     # bf16 compute, float32 master weights (param_dtype)
   c.model.remat = "full" if remat is True else (remat or "none")
   c.model.scan_layers = True
+  c.model.logits_chunk = 256     # never a [B,T,V] float32 logits buffer (vocab 128k-152k)
   # Pure FSDP over every device suits 0.5B-8B on a pod slice or a GPU host; for
   # more chips than the batch allows, move devices to "data" (or "tensor").
   c.mesh.shape = (("data", 1), ("fsdp", -1), ("tensor", 1))
@@ -85,6 +86,7 @@ def build(*, stage, model_preset="", model_dir="", data_dir=MINI,
   c.model.remat = "none"         # remat policy per decoder block: none | full | dots_no_batch | offload
   c.model.attention = "auto"     # attention kernel: auto (splash on TPU, cuDNN on GPU) | xla | cudnn | splash
   c.model.scan_layers = True     # lax.scan over layers (False: unrolled, faster on CPU)
+  c.model.logits_chunk = 0       # output head on C positions at a time (0 = all at once, [B,T,V])
   c.model.overrides = ()         # ((field, value), ...) ModelConfig overrides for a preset
 
   c.mesh = ml_collections.ConfigDict()

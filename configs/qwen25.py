@@ -12,4 +12,4 @@ from configs import common
 
 
 def get_config(arg=None):
-  return common.paper_model(arg, "qwen2.5-0.5b", remat=False)
+  return common.paper_model(arg, "qwen2.5-0.5b", remat="full")

@@ -11,7 +11,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from safecrs_jax import gdpo
+from safecrs_jax import gdpo, plan
 from safecrs_jax import sharding
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -27,6 +27,7 @@ def main(argv):
   if config.get("stage", "gdpo") != "gdpo":
     raise app.UsageError(f"config stage is {config.stage!r}; pass …:stage=gdpo")
   sharding.maybe_initialize_distributed()
+  plan.preflight(config)  # compile-only memory check; stops here if it cannot fit
   summary = gdpo.train(config, _WORKDIR.value)
   if sharding.is_main_process():
     last = summary["history"][-1] if summary["history"] else {}

@@ -9,7 +9,7 @@ Re-running the same command resumes from the latest checkpoint in --workdir.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from safecrs_jax import sharding, sft
+from safecrs_jax import plan, sharding, sft
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "configs/<name>.py[:args] file (see configs/common.py)", lock_config=True)
@@ -26,6 +26,7 @@ def main(argv):
   config = _CONFIG.value
   if config.stage != "sft":
     raise app.UsageError(f"--config has stage={config.stage!r}; train_sft needs stage=sft")
+  plan.preflight(config)  # compile-only memory check; stops here if it cannot fit
   summary = sft.train(config, _WORKDIR.value)
   if summary["preempted"]:
     raise SystemExit(143)  # 128 + SIGTERM: the scheduler sees a preempted job

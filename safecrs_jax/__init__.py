@@ -45,7 +45,7 @@ __version__ = "0.1.0"
 _SUBMODULES = (
     "models", "sharding", "tokens", "saferec", "optim", "checkpoint", "policy", "rollout",
     "advantages", "policy_loss", "rank_items", "steps", "train_loop", "sft", "gdpo",
-    "evaluation", "metrics_log", "lora", "assets", "train_state", "demo",
+    "evaluation", "metrics_log", "lora", "assets", "train_state", "demo", "plan",
 )
 
 

@@ -207,7 +207,8 @@ class Run:
     self.train_step = jax.jit(
         functools.partial(steps.gdpo_train_step, model_cfg=self.model_cfg,
                           loss_cfg=self.loss_cfg, tx=self.tx, schedule=self.schedule,
-                          temperature=self.temperature, mesh=self.mesh, rules=self.rules),
+                          temperature=self.temperature, mesh=self.mesh, rules=self.rules,
+                          logits_chunk=int(self.config.model.get("logits_chunk", 0))),
         in_shardings=(self.state_shardings, None if self.ref_params is None else p_sh,
                       self.batch_shardings),
         out_shardings=(self.state_shardings, shd.replicated(self.mesh)), donate_argnums=0)

@@ -220,10 +220,12 @@ class Run:
 
   def _jit_steps(self):
     kw = dict(model_cfg=self.model_cfg, lora_scale=self.lora_scale, mesh=self.mesh,
-              rules=self.rules)
+              rules=self.rules, logits_chunk=int(self.config.model.get("logits_chunk", 0)))
     repl = shd.replicated(self.mesh)
+    dropout = float(self.config.sft.lora.get("dropout", 0.0)) if self.lora_on else 0.0
     self.train_step = jax.jit(
-        functools.partial(steps.sft_train_step, tx=self.tx, schedule=self.schedule, **kw),
+        functools.partial(steps.sft_train_step, tx=self.tx, schedule=self.schedule,
+                          lora_dropout=dropout, **kw),
         in_shardings=(self.state_shardings, self.train_sharding, repl),
         out_shardings=(self.state_shardings, repl), donate_argnums=0)
     self.eval_step = jax.jit(functools.partial(steps.sft_eval_step, **kw),

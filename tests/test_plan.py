@@ -1,0 +1,148 @@
+"""The planner: topology names, per-program memory rows, the verdict, loop all-gathers.
+
+cpu:N tests run in the default suite (compile-only, seconds). TPU-topology tests
+need libtpu (the `plan` extra) and are skipped without it.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")   # before libtpu is ever loaded
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from configs import demo  # noqa: E402
+from safecrs_jax import models, plan  # noqa: E402
+from safecrs_jax.plan import flops  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+FSDP = (("data", 1), ("fsdp", -1), ("tensor", 1))
+DATA = (("data", -1), ("fsdp", 1), ("tensor", 1))
+FIELDS = ("name", "peak_bytes", "hbm_bytes", "fits", "loop_param_all_gathers", "argument_bytes",
+          "temp_bytes", "output_bytes", "headroom", "flops", "mfu_ceiling")
+
+
+def _config(stage="sft", scan=True, shape=FSDP):
+  c = demo.get_config(f"stage={stage},size=test")
+  c.model.scan_layers, c.mesh.shape = scan, shape
+  return c
+
+
+@pytest.mark.parametrize("name,want", [
+    ("v5p-16", ("v5p:2x2x2", {})), ("v5p-8", ("v5p:2x2x1", {})), ("v5p-128", ("v5p:4x4x4", {})),
+    ("v5litepod-4", ("v5e:2x2", {})), ("v5e-16", ("v5e:4x4", {})), ("v6e-8", ("v6e:2x4", {})),
+    ("v4-8", ("v4:2x2x1", {"chip_config_name": "megacore"})),
+    ("v5litepod-1", ("v5e:1x1", {"chips_per_host_bounds": (1, 1, 1)})),
+    ("v5p:2x2x2", ("v5p:2x2x2", {}))])
+def test_cloud_names_map_to_libtpu_topologies(name, want):
+  assert plan.tpu_topology_name(name) == want
+
+
+@pytest.mark.parametrize("bad", ["v5p-6", "v5litepod-3", "tpu-8", "v7x-8"])
+def test_bad_topology_names_raise(bad):
+  with pytest.raises(ValueError, match="topology"):
+    plan.tpu_topology_name(bad)
+
+
+def test_analytic_flops_by_hand():
+  cfg = models.ModelConfig(vocab_size=10, hidden_size=4, intermediate_size=6, num_layers=1,
+                           num_heads=2, num_kv_heads=1, head_dim=2)
+  # q, o: 4x4 each; k, v: 4x2 each; gate, up, down: 4x6 each -> 32 + 16 + 72 = 120
+  assert flops.body_matmul_params(cfg) == 120
+  # 1 row of 3 tokens: body 2*120*3, attention 4*L*N*H * (1+2+3) keys, head 2*4*10 on 2 positions
+  assert flops.forward(cfg, 1, 3, 2) == 720 + 4 * 1 * 2 * 2 * 6 + 160
+  assert flops.train(cfg, 1, 3, 2) == 3 * flops.forward(cfg, 1, 3, 2)
+  # prefill of 2 (head on 1) + 2 decode steps seeing 3 then 4 keys
+  assert flops.generate(cfg, 1, 2, 2) == flops.forward(cfg, 1, 2, 1) + 2 * 2 * (120 + 40) \
+      + 4 * 2 * 2 * (3 + 4)
+
+
+def test_sft_rows_on_cpu8_are_consistent():
+  rows = plan.plan_config(_config(), jax.devices()[:8])
+  assert [r["name"] for r in rows] == ["sft_train", "eval_generate"]
+  for r in rows:
+    assert set(FIELDS) <= set(r)
+    assert r["peak_bytes"] == (r["argument_bytes"] + r["temp_bytes"] + r["output_bytes"]
+                               - r["alias_bytes"] + r["resident_bytes"])
+    assert r["fits"] is True and 0 < r["headroom"] < 1 and r["num_devices"] == 8
+    assert r["hbm_bytes"] == plan.chip_of(jax.devices()[0]).hbm_bytes
+  train = rows[0]
+  assert train["alias_bytes"] > 0          # the state is donated
+  # demo: 1 micro-batch of 16 rows per device x 8 devices, 256 tokens, head on 255
+  cfg = models.ModelConfig.from_hf(models.PRESETS["tiny"], **dict(_config().model.overrides))
+  assert train["flops"] == pytest.approx(flops.train(cfg, 16 * 8, 256, 255), rel=1e-6)
+
+
+def test_gdpo_programs_and_reference_memory_on_cpu8():
+  c = _config("gdpo")
+  rows = {r["name"]: r for r in plan.plan_config(c, jax.devices()[:8])}
+  assert list(rows) == ["gdpo_rollout", "gdpo_reference", "gdpo_learner", "eval_generate"]
+  # beta > 0: the learner runs beside the reference params, the rollout beside the
+  # optimizer state and the reference (float32, FSDP over 8).
+  params = models.count_params(models.ModelConfig.from_hf(
+      models.PRESETS["tiny"], **dict(c.model.overrides)))
+  assert rows["gdpo_learner"]["resident_bytes"] == pytest.approx(4 * params / 8, rel=0.05)
+  assert rows["gdpo_rollout"]["resident_bytes"] == pytest.approx(3 * 4 * params / 8, rel=0.05)
+  c.gdpo.beta = 0.0
+  names = [r["name"] for r in plan.plan_config(c, jax.devices()[:8], only=("gdpo_learner",))]
+  assert names == ["gdpo_learner"]
+
+
+def test_loop_param_all_gathers_of_a_sharded_decode_loop():
+  """FSDP over 8 with scanned layers: the decode loop gathers each of the 7 per-layer
+  kernels (q, k, v, o, gate, up, down) in its layer loop, plus the tied embedding / head:
+  8. Replicated params (pure data parallelism) gather nothing; unrolled layers let XLA
+  hoist the loop-invariant gathers out of the decode loop."""
+  def count(**kw):
+    (row,) = plan.plan_config(_config(**kw), jax.devices()[:8], only=("eval_generate",))
+    return row["loop_param_all_gathers"]
+  assert count(scan=True, shape=FSDP) == 8
+  assert count(scan=True, shape=DATA) == 0
+  assert count(scan=False, shape=FSDP) == 0
+
+
+def _launch(*args):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  env.pop("XLA_FLAGS", None)     # launch.plan sets the device count from --topology
+  return subprocess.run([sys.executable, "-m", "launch.plan", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_entry_point_json_and_a_config_that_does_not_fit():
+  ok = _launch("--config=configs/demo.py:size=test", "--topology=cpu:4", "--json")
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  rows = json.loads(ok.stdout)
+  assert [r["name"] for r in rows] == ["sft_train", "eval_generate"]
+  assert all(r["fits"] and r["num_devices"] == 4 and r["peak_bytes"] > 0 for r in rows)
+  bad = _launch("--config=configs/demo.py:size=test", "--topology=cpu:4", "--hbm_gib=0.05",
+                "--programs=sft_train")
+  assert bad.returncode == 1
+  assert "sft_train needs" in bad.stderr
+  for knob in ("model.remat=full", "model.logits_chunk=256", "sft.batch_size"):
+    assert knob in bad.stderr
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu not installed (pip install -e '.[plan]')")
+def test_tpu_topology_plan_and_refusal():
+  devices = plan.topology_devices("v5litepod-4")
+  assert len(devices) == 4 and plan.chip_of(devices[0]).name == "v5e"
+  c = _config("gdpo")
+  c.gdpo.max_completion_length = 128     # splash attention (auto on TPU) needs P + T % 128 == 0
+  rows = plan.plan_config(c, devices)
+  assert all(r["fits"] for r in rows) and rows[0]["hbm_bytes"] == 16 << 30
+  big = demo.get_config("size=tiny")
+  big.mesh.shape, big.sft.batch_size = FSDP, 4096         # 16k rows x 256 tokens
+  big.tokenizer.max_length, big.tokenizer.buckets = 256, (256,)
+  rows = plan.plan_config(big, devices, only=("sft_train",))
+  ok, message = plan.verdict(rows, big)
+  assert not ok and rows[0]["fits"] is False
+  assert "sft.batch_size" in message and "model.remat" in message
+
+
+def test_preflight_skips_cpu_devices():
+  # CPU has no fixed device memory: the start-up check compiles nothing there.
+  assert plan.preflight(_config()) is None
