@@ -202,16 +202,21 @@ class Run:
     self.prompt_sharding = shd.batch_sharding(self.mesh, 2)
     sh3 = shd.batch_sharding(self.mesh, 3, batch_dim=1)
     adv_sh = shd.batch_sharding(self.mesh, 3 if self.per_rank else 2, batch_dim=1)
-    self.batch_shardings = steps.RolloutBatch(sh3, sh3, sh3, sh3, sh3, adv_sh)
+    beta = self.ref_params is not None
+    self.batch_shardings = steps.RolloutBatch(sh3, sh3, sh3, sh3, sh3, adv_sh,
+                                              sh3 if beta else None)
     p_sh = models.param_shardings(self.model_cfg, self.mesh, self.rules)
+    kw = dict(model_cfg=self.model_cfg, temperature=self.temperature, mesh=self.mesh,
+              rules=self.rules, logits_chunk=int(self.config.model.get("logits_chunk", 0)))
     self.train_step = jax.jit(
-        functools.partial(steps.gdpo_train_step, model_cfg=self.model_cfg,
-                          loss_cfg=self.loss_cfg, tx=self.tx, schedule=self.schedule,
-                          temperature=self.temperature, mesh=self.mesh, rules=self.rules,
-                          logits_chunk=int(self.config.model.get("logits_chunk", 0))),
-        in_shardings=(self.state_shardings, None if self.ref_params is None else p_sh,
-                      self.batch_shardings),
+        functools.partial(steps.gdpo_train_step, loss_cfg=self.loss_cfg, tx=self.tx,
+                          schedule=self.schedule, **kw),
+        in_shardings=(self.state_shardings, None, self.batch_shardings),
         out_shardings=(self.state_shardings, shd.replicated(self.mesh)), donate_argnums=0)
+    # the frozen reference's log-probs: once per rollout batch, not once per update
+    self.reference_logprobs = jax.jit(
+        functools.partial(steps.reference_logprobs, **kw),
+        in_shardings=(p_sh, self.batch_shardings.replace(ref_logp=None)), out_shardings=sh3)
     self.advantages = jax.jit(functools.partial(
         advantages.compute_advantages, group_size=self.group, mode=str(self.gcfg.advantage_mode)))
     self.diagnostics = jax.jit(functools.partial(advantages.advantage_diagnostics,
@@ -284,7 +289,11 @@ class Run:
     arrays = {k: np.asarray(batch[k]) for k in
               ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "old_logp")}
     arrays["advantages"] = adv
-    return jax.tree.map(shd.to_global, steps.RolloutBatch(**arrays), self.batch_shardings)
+    lb = jax.tree.map(shd.to_global, steps.RolloutBatch(**arrays),
+                      self.batch_shardings.replace(ref_logp=None))
+    if self.ref_params is not None:
+      lb = lb.replace(ref_logp=self.reference_logprobs(self.ref_params, lb))
+    return lb
 
   def data_position(self, step):
     epoch, index = divmod(int(step), self.steps_per_epoch)
@@ -312,7 +321,7 @@ class Run:
     lb = self.learner_batch(batch, adv)
     learner = []
     for _ in range(self.mu):
-      state, m = self.train_step(state, self.ref_params, lb)
+      state, m = self.train_step(state, None, lb)
       learner.append(m)
     host = dict(info, **self._batch_metrics(batch, raw_adv, diag))
     if timed:

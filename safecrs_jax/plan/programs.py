@@ -120,9 +120,9 @@ def gdpo_programs(config, model_cfg, mesh, rules):
   g = config.gdpo
   tx, sched = optim.make_optimizer(config.optim, 1000)
   state, state_sh = _abstract_state(config, model_cfg, mesh, rules, tx)
-  group, a = int(g.group_size), int(g.grad_accum)
-  prompts = int(g.batch_size) * shd.data_parallel_size(mesh)
-  b = prompts * group
+  geo = gdpo.batch_geometry(g, shd.data_parallel_size(mesh))      # the stage's own geometry
+  group, a, b = geo["group"], geo["accum"], geo["micro_rows"]
+  prompts = geo["chunk_prompts"]                                   # prompts per rollout call
   p = max(int(g.max_prompt_length), *map(int, g.prompt_buckets))
   t = int(g.max_completion_length)
   beta = float(g.beta) > 0
