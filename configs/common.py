@@ -150,8 +150,7 @@ def build(*, stage, model_preset="", model_dir="", data_dir=MINI,
   c.gdpo.max_prompt_length = 7168     # generation context 8192 - completion 1024: no cut in practice
   c.gdpo.max_completion_length = 1024  # new tokens per rollout
   c.gdpo.prompt_buckets = (256, 512, 1024, 2048, 4096, 7168)  # padded prompt lengths
-  c.gdpo.rollout_chunks = 0      # rollout calls per loop step (0 = one per micro-batch when whole
-                                 # groups fit, else one for the step)
+  c.gdpo.rollout_chunks = 0      # rollout calls per loop step (0 = as many as possible up to grad_accum)
   c.gdpo.mu = 1                  # policy iterations per rollout batch (1 = on-policy)
   c.gdpo.beta = 1e-3             # KL(k3) weight to the frozen SFT reference; 0 = no reference
   c.gdpo.eps_low = 0.2           # clip range below 1

@@ -84,9 +84,9 @@ def batch_geometry(g, dp):
   per_device_train_batch_size, the reference: 4 x 8 accumulation with G = 8 is
   4 prompts per device per optimizer step) or prompts (batch_unit "prompts":
   batch_size x G completions). Returns group, accum (A), micro_rows (global
-  rows per micro-batch), step_prompts, and the rollout chunks: one call per
-  micro-batch when each holds whole groups sharded evenly, else one call for
-  the step (gdpo.rollout_chunks > 0 forces a count).
+  rows per micro-batch), step_prompts, and the rollout chunks: as many calls as
+  possible up to A, each with a whole number of prompts per device (rollout
+  memory scales with a call's rows; gdpo.rollout_chunks > 0 forces a count).
   """
   group, accum, unit = int(g.group_size), int(g.grad_accum), str(g.get("batch_unit", "prompts"))
   if unit not in BATCH_UNITS:
@@ -99,8 +99,9 @@ def batch_geometry(g, dp):
   step_prompts = micro_rows * accum // group
   chunks = int(g.get("rollout_chunks", 0))
   if chunks <= 0:
-    whole = micro_rows % group == 0 and (micro_rows // group) % dp == 0
-    chunks = accum if whole else 1
+    chunks = max(c for c in range(1, accum + 1)
+                 if step_prompts % c == 0 and (step_prompts // c) % dp == 0) \
+        if step_prompts % dp == 0 else 1
   if step_prompts % chunks or (step_prompts // chunks) % dp:
     raise ValueError(f"gdpo: {step_prompts} prompts per step do not split into {chunks} rollout "
                      f"chunks of a multiple of {dp} devices; change gdpo.rollout_chunks, "

@@ -414,8 +414,9 @@ def test_row1_gdpo_batch_counts_completions():
   geo = gdpo.batch_geometry(_gdpo_section(), dp=1)
   assert (geo["step_prompts"], geo["micro_rows"], geo["accum"]) == (4, 4, 8)
   assert gdpo.batch_geometry(_gdpo_section(), dp=8)["step_prompts"] == 32
-  # micro-batches of 4 rows hold half a group: one rollout call for the whole step
-  assert (geo["chunks"], geo["chunk_prompts"]) == (1, 4)
+  # micro-batches of 4 rows hold half a group; rollouts go out one prompt per call
+  assert (geo["chunks"], geo["chunk_prompts"]) == (4, 1)
+  assert gdpo.batch_geometry(_gdpo_section(), dp=4)["chunks"] == 4      # 16 prompts, 4 per call
   # ours: batch_size counts prompts (x G completions): 8x more per step
   ours = gdpo.batch_geometry(_gdpo_section(batch_unit="prompts"), dp=1)
   assert (ours["step_prompts"], ours["micro_rows"], ours["chunks"]) == (32, 32, 8)
