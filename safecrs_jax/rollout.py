@@ -20,6 +20,7 @@ the truncated, renormalised distribution actually drawn from (equal to
 """
 import dataclasses
 import functools
+import re
 from typing import NamedTuple
 
 import jax
@@ -222,3 +223,30 @@ def token_logprobs(model_cfg, params, prompt_ids, prompt_mask, completion_ids, c
   logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
   out = jnp.take_along_axis(logp, completion_ids[..., None].astype(jnp.int32), axis=-1)[..., 0]
   return out * completion_mask.astype(jnp.float32)
+
+
+# -- compiled-program checks -------------------------------------------------------
+
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*?\{\n(.*?)\n\}", re.S | re.M)
+_ALL_GATHER = re.compile(r"= (\w+)\[([\d,]*)\]\S* all-gather(?:-start)?\(")
+
+
+def loop_all_gathers(compiled_text: str) -> list:
+  """All-gathers inside while-loop bodies of a compiled program's HLO text.
+
+  compiled_text: jax.jit(f).lower(...).compile().as_text(). Every computation a
+  while body reaches (fusions, calls, nested loops) is searched. Returns
+  [(dtype, shape tuple)] of each all-gather's result, e.g. [("f32", (256, 512))].
+  """
+  comps = {m.group(1): m.group(2) for m in _COMPUTATION.finditer(compiled_text)}
+  todo = re.findall(r"body=%([\w.\-]+)", compiled_text)
+  seen, found = set(), []
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in comps:
+      continue
+    seen.add(name)
+    todo += re.findall(r"(?:calls|body|condition|to_apply)=%([\w.\-]+)", comps[name])
+    for dtype, dims in _ALL_GATHER.findall(comps[name]):
+      found.append((dtype, tuple(int(d) for d in dims.split(",") if d)))
+  return found
