@@ -20,12 +20,14 @@ the truncated, renormalised distribution actually drawn from (equal to
 """
 import dataclasses
 import functools
+import re
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from safecrs_jax import models
+from safecrs_jax.models import decode
 from safecrs_jax import sharding as shd
 
 
@@ -85,24 +87,30 @@ def filter_logits(logits, top_k=0, top_p=1.0):
   return logits
 
 
-def _gather(logp, ids):
-  return jnp.take_along_axis(logp, ids[:, None], axis=-1)[:, 0]
+def _gather(x, ids):
+  return jnp.take_along_axis(x, ids[:, None], axis=-1)[:, 0]
+
+
+def _token_logprob(logits, tok):
+  """log softmax(logits)[tok] without the [N, V] log-softmax: logit - logsumexp. [N]."""
+  return _gather(logits, tok) - jax.nn.logsumexp(logits, axis=-1)
 
 
 def _sample_step(logits, key, cfg: SamplingConfig):
-  """logits [N, V] float32 -> (token [N], logprob [N], sampled_logprob [N])."""
-  scaled = logits * cfg.logit_scale
-  logp = jax.nn.log_softmax(scaled, axis=-1)
+  """logits [N, V] float32 -> (token [N], logprob [N], sampled_logprob [N]).
+
+  Greedy is an argmax; no sort / filter runs unless top-k or top-p is on.
+  """
   if cfg.is_greedy:
     tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    lp = _gather(logp, tok)
+    lp = _token_logprob(logits, tok)
     return tok, lp, lp
-  filtered = filter_logits(scaled, cfg.top_k, cfg.top_p)
+  scaled = logits * cfg.logit_scale
+  truncated = bool(cfg.top_k) or cfg.top_p < 1.0
+  filtered = filter_logits(scaled, cfg.top_k, cfg.top_p) if truncated else scaled
   tok = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
-  lp = _gather(logp, tok)
-  if cfg.top_k or cfg.top_p < 1.0:
-    return tok, lp, _gather(jax.nn.log_softmax(filtered, axis=-1), tok)
-  return tok, lp, lp
+  lp = _token_logprob(scaled, tok)
+  return tok, lp, (_token_logprob(filtered, tok) if truncated else lp)
 
 
 def _constrain_batch(x, mesh):
@@ -111,18 +119,33 @@ def _constrain_batch(x, mesh):
   return jax.lax.with_sharding_constraint(x, shd.batch_sharding(mesh, x.ndim))
 
 
-@functools.partial(jax.jit, static_argnames=("model_cfg", "cfg", "mesh", "rules"))
-def _generate(model_cfg, params, prompt_ids, prompt_mask, rng, cfg, mesh, rules):
-  prompt_ids = jnp.repeat(prompt_ids, cfg.num_samples, axis=0)          # [N, P]
-  prompt_mask = jnp.repeat(prompt_mask, cfg.num_samples, axis=0)
-  prompt_ids = _constrain_batch(prompt_ids.astype(jnp.int32), mesh)
-  prompt_mask = _constrain_batch(prompt_mask.astype(jnp.int32), mesh)
-  n, p = prompt_ids.shape
-  t_max = cfg.max_new_tokens
-  cache = models.init_cache(model_cfg, n, p + t_max, mesh=mesh, rules=rules)
-  logits, cache = models.forward_cached(model_cfg, params, prompt_ids, prompt_mask, cache,
-                                        mesh=mesh, rules=rules)
-  last = _constrain_batch(logits[:, -1].astype(jnp.float32), mesh)       # [N, V]
+def _prefill(model_cfg, params, prompt_ids, prompt_mask, cfg, mesh, rules):
+  """The B unique prompts through the decoder once -> (last logits [N, V] f32, decode cache).
+
+  The prompt cache (B rows, P slots) is repeated G times along the batch and padded to
+  P + T slots; the prompt rows stay sharded when B divides the batch axes (else replicated).
+  """
+  g = cfg.num_samples
+  ids = shd.constrain(prompt_ids.astype(jnp.int32), ("act_batch", "act_length"), mesh, rules)
+  mask = shd.constrain(prompt_mask.astype(jnp.int32), ("act_batch", "act_length"), mesh, rules)
+  b, p = ids.shape
+  cache = models.init_cache(model_cfg, b, p, mesh=mesh, rules=rules)
+  logits, cache = models.forward_cached(model_cfg, params, ids, mask, cache, mesh=mesh,
+                                        rules=rules, last_only=True)
+  last = jnp.repeat(logits[:, -1].astype(jnp.float32), g, axis=0)             # [N, V]
+  pos = jnp.repeat(jnp.sum(mask, axis=1, dtype=jnp.int32), g, axis=0)          # [N]
+  cache = decode.from_prefill(model_cfg, cache, p + cfg.max_new_tokens, g, mesh, rules)
+  return _constrain_batch(last, mesh), _constrain_batch(pos, mesh), cache
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "cfg", "mesh", "rules", "placement"))
+def _generate(model_cfg, params, prompt_ids, prompt_mask, rng, cfg, mesh, rules, placement):
+  # Weights: cast to the compute dtype and placed for decoding once, before the prefill.
+  params = decode.place(model_cfg, params, mesh, rules, placement)
+  last, pos, cache = _prefill(model_cfg, params, prompt_ids, prompt_mask, cfg, mesh, rules)
+  tensor = 1 if mesh is None else mesh.shape.get("tensor", 1)
+  weights = decode.layout(model_cfg, params, fuse=model_cfg.fuse_projections and tensor == 1)
+  n, t_max = last.shape[0], cfg.max_new_tokens
   stop = jnp.asarray(cfg.stop_ids or (-1,), jnp.int32)
 
   def cond(state):
@@ -138,10 +161,8 @@ def _generate(model_cfg, params, prompt_ids, prompt_mask, rng, cfg, mesh, rules)
     lps = lps.at[:, t].set(jnp.where(live, lp, 0.0))
     slps = slps.at[:, t].set(jnp.where(live, slp, 0.0))
     done = done | jnp.isin(tok, stop)
-    logits, cache = models.forward_cached(
-        model_cfg, params, tok[:, None], jnp.ones((n, 1), jnp.int32), cache, mesh=mesh, rules=rules)
-    last = _constrain_batch(logits[:, -1].astype(jnp.float32), mesh)
-    return t + 1, cache, last, out, done, lps, slps
+    logits, cache = decode.step(model_cfg, weights, tok, pos + t, cache, mesh, rules)
+    return t + 1, cache, _constrain_batch(logits.astype(jnp.float32), mesh), out, done, lps, slps
 
   zeros_f = _constrain_batch(jnp.zeros((n, t_max), jnp.float32), mesh)
   state = (jnp.int32(0), cache, last,
@@ -156,7 +177,7 @@ def _generate(model_cfg, params, prompt_ids, prompt_mask, rng, cfg, mesh, rules)
 
 
 def generate(model_cfg, params, prompt_ids, prompt_mask, rng, cfg: SamplingConfig, mesh=None,
-             rules=None):
+             rules=None, placement="auto"):
   """Samples cfg.num_samples completions for each left-padded prompt.
 
   Args:
@@ -169,14 +190,21 @@ def generate(model_cfg, params, prompt_ids, prompt_mask, rng, cfg: SamplingConfi
     mesh: when given, rollouts are kept sharded over its (data, fsdp) axes;
       N = B * G must then divide by their size. rules: logical-axis rules
       (tuple; None = sharding.DEFAULT_RULES) for the model's activations.
+    placement: where the decode weights live (models/decode.py): "replicated",
+      "tensor" (split over the tensor axis only) or "auto" (replicated when they
+      fit in a quarter of a device's memory). Either way the decode loop holds no
+      weight all-gather; the params are cast to model_cfg.dtype once.
   Returns:
-    Rollout with [N, T] arrays, rows i*G .. i*G+G-1 from prompt i.
+    Rollout with [N, T] arrays, rows i*G .. i*G+G-1 from prompt i. Each unique
+    prompt is prefilled once; its KV cache is shared by its G rows.
   """
   if prompt_ids.shape != prompt_mask.shape or prompt_ids.ndim != 2:
     raise ValueError(f"generate: prompt_ids {prompt_ids.shape} and prompt_mask {prompt_mask.shape} "
                      "must both be [B, P]")
+  if placement == "auto":
+    placement = decode.choose_placement(model_cfg, mesh)
   return _generate(model_cfg, params, prompt_ids, prompt_mask, rng, cfg, mesh,
-                   None if rules is None else tuple(map(tuple, rules)))
+                   None if rules is None else tuple(map(tuple, rules)), placement)
 
 
 def token_logprobs(model_cfg, params, prompt_ids, prompt_mask, completion_ids, completion_mask,
@@ -195,3 +223,30 @@ def token_logprobs(model_cfg, params, prompt_ids, prompt_mask, completion_ids, c
   logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
   out = jnp.take_along_axis(logp, completion_ids[..., None].astype(jnp.int32), axis=-1)[..., 0]
   return out * completion_mask.astype(jnp.float32)
+
+
+# -- compiled-program checks -------------------------------------------------------
+
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*?\{\n(.*?)\n\}", re.S | re.M)
+_ALL_GATHER = re.compile(r"= (\w+)\[([\d,]*)\]\S* all-gather(?:-start)?\(")
+
+
+def loop_all_gathers(compiled_text: str) -> list:
+  """All-gathers inside while-loop bodies of a compiled program's HLO text.
+
+  compiled_text: jax.jit(f).lower(...).compile().as_text(). Every computation a
+  while body reaches (fusions, calls, nested loops) is searched. Returns
+  [(dtype, shape tuple)] of each all-gather's result, e.g. [("f32", (256, 512))].
+  """
+  comps = {m.group(1): m.group(2) for m in _COMPUTATION.finditer(compiled_text)}
+  todo = re.findall(r"body=%([\w.\-]+)", compiled_text)
+  seen, found = set(), []
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in comps:
+      continue
+    seen.add(name)
+    todo += re.findall(r"(?:calls|body|condition|to_apply)=%([\w.\-]+)", comps[name])
+    for dtype, dims in _ALL_GATHER.findall(comps[name]):
+      found.append((dtype, tuple(int(d) for d in dims.split(",") if d)))
+  return found

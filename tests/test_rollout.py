@@ -1,4 +1,6 @@
 """Sampler: KV-cache decoding against full-forward decoding, seeds, stops, top-k / top-p."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -114,4 +116,83 @@ def test_sharded_rollout_equals_single_device(setup):
   assert got.tokens.sharding.spec[0] == ("data", "fsdp")
   np.testing.assert_array_equal(got.tokens, ref.tokens)
   np.testing.assert_array_equal(got.mask, ref.mask)
+  np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5)
+
+
+def test_one_prefill_per_unique_prompt(setup):
+  """G samples share their prompt's prefill; results equal prefilling G copies."""
+  params, ids, mask = setup
+  cfg = rollout.SamplingConfig(max_new_tokens=T, num_samples=4, temperature=1.0)
+  got = rollout.generate(CFG, params, ids, mask, jax.random.key(7), cfg)
+  flat = rollout.SamplingConfig(max_new_tokens=T, num_samples=1, temperature=1.0)
+  ref = rollout.generate(CFG, params, jnp.repeat(ids, 4, 0), jnp.repeat(mask, 4, 0),
+                         jax.random.key(7), flat)
+  np.testing.assert_array_equal(got.tokens, ref.tokens)
+  np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5)
+  # The program runs the decoder's forward_cached once, on the 3 unique prompts.
+  jaxpr = jax.make_jaxpr(lambda p, i, m: rollout.generate(CFG, p, i, m, jax.random.key(7), cfg))(
+      params, ids, mask)
+  calls = []
+
+  def walk(jx):
+    for eqn in jx.eqns:
+      if eqn.params.get("name") == "forward_cached":
+        calls.append([v.aval.shape for v in eqn.invars            # ids and mask
+                      if v.aval.dtype == jnp.int32 and v.aval.ndim == 2])
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+  walk(jaxpr.jaxpr)
+  assert calls == [[(3, 5), (3, 5)]]
+
+
+def test_loop_all_gathers_parses_while_bodies():
+  hlo = """HloModule m
+
+%fused (p: f32[4,8]) -> f32[8,8] {
+  %p = f32[4,8]{1,0} parameter(0)
+  ROOT %ag.2 = f32[8,8]{1,0} all-gather(%p), dimensions={0}
+}
+
+%body (s: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %s = (s32[], f32[4,8]) parameter(0)
+  %f = f32[8,8]{1,0} fusion(%x), kind=kLoop, calls=%fused
+  %ag.1 = s32[16,1]{1,0} all-gather(%y), dimensions={0}
+  ROOT %t = (s32[], f32[4,8]) tuple(%a, %b)
+}
+
+ENTRY %main (a: f32[4,8]) -> f32[16,8] {
+  %ag.0 = f32[16,8]{1,0} all-gather(%a), dimensions={0}
+  %w = (s32[], f32[4,8]) while(%init), condition=%cond, body=%body
+}
+"""
+  assert sorted(rollout.loop_all_gathers(hlo)) == [("f32", (8, 8)), ("s32", (16, 1))]
+
+
+def _param_shapes(cfg):
+  """Shapes of every parameter, stacked [L, ...] and per layer."""
+  shapes = set()
+  for x in jax.tree.leaves(models.abstract_params(cfg)):
+    shapes |= {tuple(x.shape), tuple(x.shape[1:])}
+  return shapes
+
+
+@pytest.mark.parametrize("mesh_shape,placement", [((1, 8, 1), "auto"), ((1, 2, 4), "tensor")])
+def test_decode_loop_has_no_weight_all_gather(setup, mesh_shape, placement):
+  """FSDP-sharded params: the compiled decode loop never gathers a weight, and the
+  rollouts equal the single-device ones. (The stacked scan_layers decoder used to
+  all-gather every layer's kernels inside the loop.)"""
+  params, ids, mask = setup
+  cfg_model = dataclasses.replace(CFG, scan_layers=True)
+  mesh = shd.make_mesh(tuple(zip(("data", "fsdp", "tensor"), mesh_shape)), devices=jax.devices())
+  sparams = jax.device_put(params, models.param_shardings(cfg_model, mesh))
+  cfg = rollout.SamplingConfig(max_new_tokens=T, num_samples=8, temperature=1.0)
+  fn = jax.jit(lambda p, i, m, k: rollout.generate(cfg_model, p, i, m, k, cfg, mesh=mesh,
+                                                   placement=placement))
+  text = fn.lower(sparams, ids, mask, jax.random.key(2)).compile().as_text()
+  gathers = rollout.loop_all_gathers(text)
+  weights = _param_shapes(cfg_model)
+  assert not [g for g in gathers if g[0] == "f32" and g[1] in weights], gathers
+  got = fn(sparams, ids, mask, jax.random.key(2))
+  ref = rollout.generate(cfg_model, params, ids, mask, jax.random.key(2), cfg)
+  np.testing.assert_array_equal(got.tokens, ref.tokens)
   np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5)

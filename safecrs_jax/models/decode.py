@@ -1,0 +1,229 @@
+"""Decode-only path of the decoder: weights laid out once per rollout, per-layer KV caches.
+
+Shape legend: B prompts, N = B * R rows (R repeats of each prompt), P prompt slots,
+S cache slots, L layers, D hidden, K kv heads, Q = heads // K query heads per kv head,
+H head_dim, F intermediate, V vocab.
+
+Why a second path: decoder.Decoder serves training and prefill. Its cache is one stacked
+[L,B,S,K,H] array and its weights are stacked [L, ...], so inside a decode loop every
+token pays, per layer, a [B,S,K,H] -> [B,K,S,H] transposed copy of both cache slices and
+copies of the stacked weights' layer slices — most of a small model's decode step on
+CPU. Here the work is done once per rollout, outside the loop:
+
+  weights = layout(cfg, params, fuse)            # compute dtype, per layer, fused q|k|v, gate|up
+  cache = from_prefill(prefill_cache, S, R)      # per-layer [N,K,S,H], repeated R times
+
+and each token is one `step` (the cache write is an in-place dynamic_update_slice of the
+loop carry). The arithmetic is the decoder's op for op: RMSNorm statistics in float32,
+layers.rope_tables / apply_rope, layers._attend, logits in cfg.dtype.
+
+Weight placement (`weight_shardings`): "replicated" (every device holds the whole model:
+no weight collective at all while decoding) or "tensor" (the logical rules with their
+fsdp / data axes dropped: weights stay split over `tensor` only, and the decode step
+communicates activations, never weights). `choose_placement` picks by device memory.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from safecrs_jax import sharding as shd
+from safecrs_jax.models.config import ModelConfig
+from safecrs_jax.models.decoder import abstract_params, param_logical_axes
+from safecrs_jax.models.layers import _attend, apply_rope, dtype_of, rope_tables
+
+PLACEMENTS = ("replicated", "tensor")
+# "auto" replicates when the compute-dtype weights take at most this share of one
+# device's memory (the rest holds the training state, KV cache and activations).
+REPLICATE_SHARE = 0.25
+
+
+# -- placement --------------------------------------------------------------------
+
+def weight_bytes(cfg: ModelConfig) -> int:
+  """Bytes of the parameters in the compute dtype (what the decode loop reads)."""
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params(cfg)))
+  return n * dtype_of(cfg.dtype).itemsize
+
+
+def choose_placement(cfg: ModelConfig, mesh, share: float = REPLICATE_SHARE) -> str:
+  """"replicated" if the weights fit in `share` of a device's memory (or it is unknown)."""
+  if mesh is None:
+    return "replicated"
+  stats = mesh.devices.flat[0].memory_stats() or {}
+  limit = stats.get("bytes_limit")
+  if not limit or weight_bytes(cfg) <= share * limit:
+    return "replicated"
+  return "tensor"
+
+
+def _tensor_only_rules(cfg: ModelConfig, rules):
+  """rules with the batch axes (data, fsdp) removed from every parameter name's entry."""
+  rules = shd.DEFAULT_RULES if rules is None else rules
+  names = set(jax.tree.leaves(param_logical_axes(cfg)))               # tuples flatten to names
+  out = []
+  for name, axes in rules:
+    if name in names:
+      axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      axes = tuple(a for a in axes if a not in shd.BATCH_AXES) or None
+    out.append((name, axes))
+  return tuple(out)
+
+
+def weight_shardings(cfg: ModelConfig, mesh, rules=None, placement="replicated"):
+  """Pytree (structure of params) of NamedSharding for the decode weights."""
+  if placement not in PLACEMENTS:
+    raise ValueError(f"placement={placement!r}; expected one of {PLACEMENTS}")
+  if placement == "replicated":
+    return jax.tree.map(lambda _: shd.replicated(mesh), abstract_params(cfg))
+  return shd.logical_to_sharding(param_logical_axes(cfg), mesh,
+                                 _tensor_only_rules(cfg, rules), shapes=abstract_params(cfg))
+
+
+def place(cfg: ModelConfig, params, mesh=None, rules=None, placement="replicated"):
+  """params cast to cfg.dtype, constrained to the decode placement (inside jit)."""
+  dt = dtype_of(cfg.dtype)
+  params = jax.tree.map(lambda x: x.astype(dt), params)
+  if mesh is None:
+    return params
+  return jax.lax.with_sharding_constraint(
+      params, weight_shardings(cfg, mesh, rules, placement))
+
+
+# -- weights and cache --------------------------------------------------------------
+
+def _fused(parts, fuse):
+  """[a, b, ...] -> [concat(parts, -1)] when fuse (one wider matmul), else unchanged."""
+  return [jnp.concatenate(parts, axis=-1)] if fuse and len(parts) > 1 else list(parts)
+
+
+def layout(cfg: ModelConfig, params, fuse: bool):
+  """Standard params (already cast / placed) -> per-layer decode weights.
+
+  fuse: concatenate q|k|v and gate|up kernels (and biases); only with tensor size 1,
+  where it does not re-lay out a sharded dimension.
+  Returns {"embed" [V,D], "head" [D,V], "norm" [D], "layers": [per-layer dicts]}.
+  """
+  lay = params["layers"]
+  attn, mlp = lay["self_attn"], lay["mlp"]
+  qkv = ("q_proj", "k_proj", "v_proj")
+  layers = []
+  for i in range(cfg.num_layers):
+    at = lambda tree, key, i=i: tree[key][i]                            # noqa: E731
+    w = {"ln1": at(lay["input_layernorm"], "scale"),
+         "ln2": at(lay["post_attention_layernorm"], "scale"),
+         "qkv": _fused([at(attn[n], "kernel") for n in qkv], fuse),
+         "o": at(attn["o_proj"], "kernel"),
+         "gate_up": _fused([at(mlp[n], "kernel") for n in ("gate_proj", "up_proj")], fuse),
+         "down": at(mlp["down_proj"], "kernel")}
+    if cfg.attention_bias:
+      w["qkv_bias"] = _fused([at(attn[n], "bias") for n in qkv], fuse)
+    if cfg.attention_out_bias:
+      w["o_bias"] = at(attn["o_proj"], "bias")
+    if cfg.qk_norm:
+      w["q_norm"] = at(attn["q_norm"], "scale")
+      w["k_norm"] = at(attn["k_norm"], "scale")
+    layers.append(w)
+  embed = params["embed_tokens"]["embedding"]                           # [V,D]
+  head = embed.T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
+  return {"embed": embed, "head": head, "norm": params["norm"]["scale"], "layers": layers}
+
+
+def from_prefill(cfg: ModelConfig, cache, max_len: int, repeats: int, mesh=None, rules=None):
+  """A decoder cache of B rows and P slots -> the decode cache of N = B * repeats rows.
+
+  cache: decoder.init_cache layout (k, v [L,B,P,K,H], mask [B,P], index = P). Each row
+  is repeated `repeats` times (consecutive rows); slots [P, max_len) start empty.
+  Returns {"k", "v": L-tuples of [N,K,S,H], "mask" [N,S] bool, "index" [] int32}.
+  """
+  p = cache["mask"].shape[1]
+  pad = max_len - p
+  names = ("cache_batch", "cache_kv_heads", "cache_length", "head_dim")
+
+  def per_layer(x):                                                   # [B,P,K,H]
+    x = jnp.repeat(x.transpose(0, 2, 1, 3), repeats, axis=0)          # [N,K,P,H]
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0)))                # [N,K,S,H]
+    return shd.constrain(x, names, mesh, rules)
+
+  mask = jnp.pad(jnp.repeat(cache["mask"], repeats, axis=0), ((0, 0), (0, pad)))
+  return {"k": tuple(per_layer(cache["k"][i]) for i in range(cfg.num_layers)),
+          "v": tuple(per_layer(cache["v"][i]) for i in range(cfg.num_layers)),
+          "mask": shd.constrain(mask, ("cache_batch", "cache_length"), mesh, rules),
+          "index": cache["index"]}
+
+
+# -- one token ----------------------------------------------------------------------
+
+def _rms_norm(x, scale, eps, dt):
+  """As layers.RMSNorm: statistics in float32, scale and result in dt."""
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return scale * y.astype(dt)
+
+
+def _project(x, kernels, biases, sizes):
+  """x [N,in] @ kernels (fused or not) + biases -> one [N, size] array per size."""
+  ys = [jnp.dot(x, k) for k in kernels]
+  if biases is not None:
+    ys = [y + b for y, b in zip(ys, biases)]
+  if len(ys) == 1 and len(sizes) > 1:
+    ys = jnp.split(ys[0], np.cumsum(sizes)[:-1].tolist(), axis=-1)
+  return ys
+
+
+def _attention(cfg, w, x, cos, sin, k_cache, v_cache, mask, index, mesh, rules):
+  """x [N,D] normed -> (out [N,D], k_cache', v_cache'); caches [N,K,S,H]."""
+  n_rows = x.shape[0]
+  nh, kh, hd, g = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_groups
+  dt = dtype_of(cfg.dtype)
+  q, k, v = _project(x, w["qkv"], w.get("qkv_bias"), (nh * hd, kh * hd, kh * hd))
+  q = q.reshape(n_rows, 1, nh, hd)                                    # [N,1,heads,H]
+  k = k.reshape(n_rows, 1, kh, hd)                                    # [N,1,K,H]
+  v = v.reshape(n_rows, kh, 1, hd)                                    # [N,K,1,H]
+  if cfg.qk_norm:
+    q = _rms_norm(q, w["q_norm"], cfg.rms_norm_eps, dt)
+    k = _rms_norm(k, w["k_norm"], cfg.rms_norm_eps, dt)
+  q = apply_rope(q, cos, sin)
+  k = apply_rope(k, cos, sin).reshape(n_rows, kh, 1, hd)              # [N,K,1,H]
+  zero = jnp.zeros((), jnp.int32)
+  k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype),
+                                         (zero, zero, index, zero))
+  v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype),
+                                         (zero, zero, index, zero))
+  q = q.reshape(n_rows, kh, g, 1, hd) * jnp.asarray(hd ** -0.5, dt)   # [N,K,Q,1,H]
+  out = _attend(q, k_cache.astype(dt), v_cache.astype(dt), mask, dt)  # [N,K,Q,1,H]
+  out = shd.constrain(out.reshape(n_rows, nh * hd), ("act_batch", "act_heads"), mesh, rules)
+  (y,) = _project(out, [w["o"]], [w["o_bias"]] if "o_bias" in w else None, (cfg.hidden_size,))
+  return y, k_cache, v_cache
+
+
+def step(cfg: ModelConfig, weights, tok, pos, cache, mesh=None, rules=None):
+  """One token per row: tok [N] int32 at positions pos [N] -> (logits [N,V] cfg.dtype, cache').
+
+  The token is written at slot cache["index"] of every row and attends every valid
+  slot up to it (equal to decoder.forward_cached on a [N,1] input).
+  """
+  dt = dtype_of(cfg.dtype)
+  eps, f = cfg.rms_norm_eps, cfg.intermediate_size
+  index = cache["index"]
+  slot_mask = jax.lax.dynamic_update_slice(
+      cache["mask"], jnp.ones((tok.shape[0], 1), bool), (jnp.int32(0), index))  # [N,S]
+  mask = slot_mask[:, None, None, None, :]                            # [N,1,1,1,S]
+  cos, sin = rope_tables(cfg, pos[:, None])                           # [N,1,1,H]
+  x = jnp.take(weights["embed"], tok, axis=0)                         # [N,D]
+  x = shd.constrain(x, ("act_batch", "act_embed"), mesh, rules)
+  ks, vs = [], []
+  for w, k_cache, v_cache in zip(weights["layers"], cache["k"], cache["v"]):
+    a, k_cache, v_cache = _attention(cfg, w, _rms_norm(x, w["ln1"], eps, dt), cos, sin,
+                                     k_cache, v_cache, mask, index, mesh, rules)
+    ks.append(k_cache)
+    vs.append(v_cache)
+    x = x + a
+    gate, up = _project(_rms_norm(x, w["ln2"], eps, dt), w["gate_up"], None, (f, f))
+    hmid = shd.constrain(jax.nn.silu(gate) * up, ("act_batch", "act_mlp"), mesh, rules)
+    (down,) = _project(hmid, [w["down"]], None, (cfg.hidden_size,))
+    x = shd.constrain(x + down, ("act_batch", "act_embed"), mesh, rules)
+  x = _rms_norm(x, weights["norm"], eps, dt)
+  logits = shd.constrain(jnp.dot(x, weights["head"]), ("act_batch", "act_vocab"), mesh, rules)
+  return logits, {"k": tuple(ks), "v": tuple(vs), "mask": slot_mask, "index": index + 1}
