@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safecrs_jax import (advantages, assets, checkpoint, models, optim, policy, policy_loss,
-                         rank_items, rollout, saferec, steps, tokens)
+from safecrs_jax import (advantages, assets, checkpoint, chips, flops, models, optim, policy,
+                         policy_loss, rank_items, rollout, saferec, steps, tokens)
 from safecrs_jax import sharding as shd
 from safecrs_jax import train_loop as loop
 from safecrs_jax import train_state as ts
@@ -349,9 +349,20 @@ class Run:
     out.update({f"adv/{k}": float(v) for k, v in diag.items() if k.startswith("collapse_")})
     return out
 
+  def _step_flops(self, batch):
+    """Analytic FLOPs of a loop step: rollouts, the reference forward, mu learner updates."""
+    a, b, p = batch["prompt_ids"].shape
+    t = batch["completion_ids"].shape[-1]
+    rows = a * b
+    total = flops.generate(self.model_cfg, rows, p, t)
+    if self.ref_params is not None:
+      total += flops.forward(self.model_cfg, rows, p + t, t)
+    return total + self.mu * flops.train(self.model_cfg, rows, p + t, t)
+
   def _timings(self, batch, t0, t1, t2, t3):
     gen_tokens = float(batch["completion_mask"].sum())
-    return {"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/learner_s": t3 - t2,
+    util = chips.mfu(self._step_flops(batch), t3 - t0)
+    return ({} if util is None else {"perf/mfu": util}) | {"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/learner_s": t3 - t2,
             "time/step_s": t3 - t0,
             "perf/rollout_tokens_per_s": gen_tokens / max(t1 - t0, 1e-9),
             "perf/learner_tokens_per_s": self.mu * float(

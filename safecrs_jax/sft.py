@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safecrs_jax import assets, checkpoint, models, optim, policy, saferec, steps, tokens
+from safecrs_jax import (assets, checkpoint, chips, flops, models, optim, policy, saferec, steps,
+                         tokens)
 from safecrs_jax import lora as lora_lib
 from safecrs_jax import sharding as shd
 from safecrs_jax import train_loop as loop
@@ -276,6 +277,11 @@ class Run:
               "train/grad_norm": float(last["grad_norm"]), "train/lr": float(last["lr"]),
               "train/tokens_per_s": sum(n for *_, n in outs) / dt,
               "train/step_time_s": dt / len(fetched)}
+    rows = self.batcher.global_batch
+    per_row = sum(n for *_, n in outs) / (rows * len(outs))        # real tokens per row
+    util = chips.mfu(len(outs) * flops.train(self.model_cfg, rows, per_row, per_row), dt)
+    if util is not None:
+      record["perf/mfu"] = util
     self.summary["train_loss"].extend((s, float(m["loss"])) for (s, _, _), m in
                                       zip(outs, fetched))
     self.t0 = time.perf_counter()

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from configs import demo
-from safecrs_jax import metrics_log, sft, train_loop
+from safecrs_jax import chips, metrics_log, sft, train_loop
 
 
 def _config(cache, **log):
@@ -46,3 +46,11 @@ def test_profile_window_off_by_default_and_memory_on_cpu(tmp_path):
   assert not os.path.exists(tmp_path / "profile")
   mem = train_loop.device_memory()          # CPU devices report no memory stats
   assert mem == {} or set(mem) <= {"mem/bytes_in_use", "mem/peak_bytes_in_use"}
+
+
+def test_mfu_uses_the_chip_table():
+  class Dev:          # a device as jax describes one: an H100
+    platform, device_kind = "gpu", "NVIDIA H100 80GB HBM3"
+  # 989 TFLOP/s per device: 2 devices doing 989e12 FLOPs in 1 s run at 50%
+  assert chips.mfu(989e12, 1.0, [Dev(), Dev()]) == pytest.approx(0.5)
+  assert chips.mfu(1e12, 1.0) is None                 # CPU: no peak to divide by

@@ -12,11 +12,12 @@ import sys
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")   # before libtpu is ever loaded
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 
 from configs import demo  # noqa: E402
-from safecrs_jax import models, plan  # noqa: E402
-from safecrs_jax.plan import flops  # noqa: E402
+from safecrs_jax import models, plan, sharding  # noqa: E402
+from safecrs_jax import flops  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -93,14 +94,31 @@ def test_gdpo_programs_and_reference_memory_on_cpu8():
 
 
 def test_loop_param_all_gathers_of_a_sharded_decode_loop():
-  """FSDP over 8 with scanned layers: the decode loop gathers each of the 7 per-layer
-  kernels (q, k, v, o, gate, up, down) in its layer loop, plus the tied embedding / head:
-  8. Replicated params (pure data parallelism) gather nothing; unrolled layers let XLA
-  hoist the loop-invariant gathers out of the decode loop."""
+  """The counter on compiled programs: a while loop that gathers an FSDP-sharded kernel on
+  every iteration counts 1; the rollout engine lays the weights out once before its decode
+  loop, so the real decode program counts 0 whether params are FSDP-sharded (scanned or
+  unrolled layers) or replicated."""
+  mesh = sharding.make_mesh((("data", 1), ("fsdp", 8), ("tensor", 1)), devices=jax.devices()[:8])
+  w_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", None))
+  repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def loop(w, x):
+    def body(c):                                                   # w is carried: the gather
+      i, x, w = c                                                  # cannot be hoisted out
+      full = jax.lax.with_sharding_constraint(w, repl)
+      w = jax.lax.with_sharding_constraint(w * 1.01, w_sh)
+      return i + 1, jnp.tanh(x @ full), w
+    return jax.lax.while_loop(lambda c: c[0] < x[0, 0].astype(jnp.int32) + 3, body,
+                              (0, x, w))[1]
+  w = jax.ShapeDtypeStruct((64, 64), jnp.float32, sharding=w_sh)
+  x = jax.ShapeDtypeStruct((8, 64), jnp.float32, sharding=repl)
+  text = jax.jit(loop).lower(w, x).compile().as_text()
+  assert plan.loop_param_all_gathers(text, {64 * 64}) == 1           # sizes in elements
+
   def count(**kw):
     (row,) = plan.plan_config(_config(**kw), jax.devices()[:8], only=("eval_generate",))
     return row["loop_param_all_gathers"]
-  assert count(scan=True, shape=FSDP) == 8
+  assert count(scan=True, shape=FSDP) == 0
   assert count(scan=True, shape=DATA) == 0
   assert count(scan=False, shape=FSDP) == 0
 

@@ -20,8 +20,9 @@ from absl import logging
 import jax
 
 from safecrs_jax import sharding as shd
-from safecrs_jax.plan import chips, programs, report
-from safecrs_jax.plan.chips import CHIPS, Chip, chip_of
+from safecrs_jax import chips
+from safecrs_jax.plan import programs, report
+from safecrs_jax.chips import CHIPS, Chip, chip_of
 from safecrs_jax.plan.report import format_table, loop_param_all_gathers
 from safecrs_jax.plan.topology import topology_devices, tpu_topology_name
 

@@ -29,7 +29,7 @@ from safecrs_jax import gdpo, models, optim, policy, rollout, steps
 from safecrs_jax import lora as lora_lib
 from safecrs_jax import sharding as shd
 from safecrs_jax import train_state as ts
-from safecrs_jax.plan import flops
+from safecrs_jax import flops
 
 
 @dataclasses.dataclass

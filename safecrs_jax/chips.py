@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 GiB = 1 << 30
 
 
@@ -52,6 +54,15 @@ def chip_of(device) -> Chip | None:
   if getattr(device, "platform", "") == "cpu":
     return CPU_STAND_IN
   return None
+
+
+def mfu(flops, seconds, devices=None):
+  """Model FLOPs utilisation: flops / (seconds x peak x devices); None on CPU or unknown chips."""
+  devices = jax.devices() if devices is None else devices
+  chip = chip_of(devices[0])
+  if chip is None or devices[0].platform == "cpu" or seconds <= 0:
+    return None
+  return float(flops) / (seconds * chip.peak_flops * len(devices))
 
 
 def device_memory(device) -> int | None:
