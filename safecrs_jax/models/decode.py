@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from safecrs_jax import chips
 from safecrs_jax import sharding as shd
 from safecrs_jax.models.config import ModelConfig
 from safecrs_jax.models.decoder import abstract_params, param_logical_axes
@@ -51,8 +52,7 @@ def choose_placement(cfg: ModelConfig, mesh, share: float = REPLICATE_SHARE) -> 
   """"replicated" if the weights fit in `share` of a device's memory (or it is unknown)."""
   if mesh is None:
     return "replicated"
-  stats = mesh.devices.flat[0].memory_stats() or {}
-  limit = stats.get("bytes_limit")
+  limit = chips.device_memory(mesh.devices.flat[0])    # also for compile-only TPU devices
   if not limit or weight_bytes(cfg) <= share * limit:
     return "replicated"
   return "tensor"
