@@ -12,4 +12,8 @@ from configs import common
 
 
 def get_config(arg=None):
-  return common.paper_model(arg, "qwen2.5-0.5b", remat="full")
+  c = common.paper_model(arg, "qwen2.5-0.5b", remat="full")
+  # 16 prompts of up to 7168 tokens overflow a 16 GiB v5e chip in the (cached,
+  # quadratic) prefill; 4 per step fit with 67% headroom (python -m launch.plan).
+  c.eval.batch_size = 4
+  return c
