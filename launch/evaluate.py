@@ -7,12 +7,15 @@ r"""Evaluates checkpoints on a SafeRec split (greedy decoding, every metric).
 step directory (<run>/checkpoints/<step>) or a Hugging Face directory. Each
 checkpoint gets report.json, generations.jsonl and raw_generations.jsonl under
 <workdir>/<split>/<name>/; several steps also get metrics.csv, plots/ and
-comparison.md. Re-running an interrupted command resumes it.
+comparison.md. Re-running an interrupted command resumes it; generations of
+another checkpoint or other settings are regenerated, not reused. A damaged
+checkpoint step, or an empty split, is an error (exit status 1).
 """
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+import launch
 from safecrs_jax import evaluation
 from safecrs_jax import sharding
 
@@ -30,9 +33,11 @@ flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  launch.quiet_logs()
   sharding.maybe_initialize_distributed()
-  reports = evaluation.evaluate(_CONFIG.value, _CHECKPOINT.value, split=_SPLIT.value,
-                                workdir=_WORKDIR.value, steps=_STEPS.value)
+  with launch.clear_errors():
+    reports = evaluation.evaluate(_CONFIG.value, _CHECKPOINT.value, split=_SPLIT.value,
+                                  workdir=_WORKDIR.value, steps=_STEPS.value)
   names = {r["checkpoint"]["name"]: r for r in reports}
   if sharding.is_main_process():
     print(evaluation.comparison_table(names))
