@@ -113,6 +113,8 @@ def build(*, stage, model_preset="", model_dir="", data_dir=MINI,
   c.checkpoint.save_every = 500  # steps between checkpoints (and one at the end)
   c.checkpoint.keep = 3          # checkpoints kept
   c.checkpoint.async_save = True  # write checkpoints in the background
+  c.checkpoint.verify = True     # check each step's checksums.json on restore / load / export
+  c.checkpoint.overwrite = False  # a workdir holding another run's checkpoints: discard them
 
   c.log = ml_collections.ConfigDict()
   c.log.every = 10               # steps between metric writes

@@ -7,7 +7,10 @@ and the GRPO ablation from the same Safe-SFT checkpoint, evaluates the
 untrained base model and all three on the test split, and prints a table of
 Recall@10 / NDCG@10 / SVR@10 / S-DCG@10 with a verdict on whether GDPO cut
 SVR@10 below Safe-SFT without Recall@10 collapsing. Re-running the command
-in the same workdir resumes (finished stages are skipped).
+in the same workdir resumes (finished stages are skipped). Re-running with
+other settings stops with one line naming the stage and what differs (nothing
+trained from an older Safe-SFT step is reused); add --overwrite to retrain the
+stages whose inputs changed. Exit codes: 0 done, 1 error (or --check failed), 143 preempted (rerun to resume).
 """
 import sys
 
@@ -15,6 +18,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+import launch
 from safecrs_jax import demo
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where data, runs, reports and plots go.")
@@ -28,6 +32,8 @@ _CHECK = flags.DEFINE_bool("check", False,
                            "Exit with status 1 when GDPO does not clearly beat SFT on SVR@10 "
                            "(used by CI).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False,
+                               "Retrain stages whose checkpoints came from other inputs.")
 
 
 def main(argv):
@@ -36,8 +42,12 @@ def main(argv):
   if "verbosity" not in " ".join(sys.argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save/restore at INFO
   overrides = dict(item.split("=", 1) for item in _SET.value)
-  summary = demo.run(_WORKDIR.value, size=_SIZE.value, overrides=overrides,
-                     progress=_PROGRESS.value, eval_rows=_EVAL_ROWS.value)
+  with launch.clear_errors():
+    summary = demo.run(_WORKDIR.value, size=_SIZE.value, overrides=overrides,
+                       progress=_PROGRESS.value, eval_rows=_EVAL_ROWS.value,
+                       overwrite=_OVERWRITE.value)
+  if summary.get("preempted"):
+    sys.exit(launch.PREEMPTED)
   print(demo.format_summary(summary))
   if _CHECK.value and not summary["verdict_ok"]:
     sys.exit(1)

@@ -12,12 +12,15 @@ checkpoint gets report.json, generations.jsonl and raw_generations.jsonl under
 comparison.md. --runs evaluates the latest checkpoint of each named run
 (any of the same kinds) into <workdir>/<name>/ and writes one comparison table
 and one plot for all of them under <workdir>/<split>/. Re-running an
-interrupted command resumes it.
+interrupted command resumes it; generations of another checkpoint or other
+settings are regenerated, not reused. A damaged checkpoint step, or an empty
+split, is an error (exit status 1).
 """
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+import launch
 from safecrs_jax import evaluation
 from safecrs_jax import sharding
 
@@ -53,14 +56,16 @@ def main(argv):
     raise app.UsageError("give exactly one of --checkpoint and --runs")
   if _RUNS.value and _STEPS.value:
     raise app.UsageError("--steps applies to --checkpoint only (--runs takes each latest step)")
+  launch.quiet_logs()
   sharding.maybe_initialize_distributed()
-  if _RUNS.value:
-    named = evaluation.compare(_CONFIG.value, _named_runs(_RUNS.value), split=_SPLIT.value,
-                               workdir=_WORKDIR.value)
-  else:
-    reports = evaluation.evaluate(_CONFIG.value, _CHECKPOINT.value, split=_SPLIT.value,
-                                  workdir=_WORKDIR.value, steps=_STEPS.value)
-    named = {r["checkpoint"]["name"]: r for r in reports}
+  with launch.clear_errors():
+    if _RUNS.value:
+      named = evaluation.compare(_CONFIG.value, _named_runs(_RUNS.value), split=_SPLIT.value,
+                                 workdir=_WORKDIR.value)
+    else:
+      reports = evaluation.evaluate(_CONFIG.value, _CHECKPOINT.value, split=_SPLIT.value,
+                                    workdir=_WORKDIR.value, steps=_STEPS.value)
+      named = {r["checkpoint"]["name"]: r for r in reports}
   if sharding.is_main_process():
     print(evaluation.comparison_table(named))
 

@@ -6,10 +6,15 @@ r"""Exports a Safe-SFT / Safe-GDPO checkpoint as a Hugging Face model directory.
 
 --checkpoint is a run directory (latest step), its checkpoints/ dir or one step
 dir. LoRA adapters are merged into the weights; the run's tokenizer is copied.
+The step's checksums are verified first; a damaged step (even the latest of a
+run dir) is an error naming it, never replaced by an older one.
 """
-from absl import app, flags, logging
+import os
 
-from safecrs_jax import policy, sharding
+from absl import app, flags
+
+import launch
+from safecrs_jax import checkpoint, policy, sharding
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "run dir, checkpoints/ dir or step dir")
 _OUT = flags.DEFINE_string("out", None, "output HF directory (config.json, safetensors, tokenizer)")
@@ -21,12 +26,13 @@ flags.mark_flags_as_required(["checkpoint", "out"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  launch.quiet_logs()
   sharding.maybe_initialize_distributed()
-  out = policy.export_hf(_CKPT.value, _OUT.value, dtype=_DTYPE.value)
+  with launch.clear_errors():
+    step_dir = checkpoint.find_step_dir(_CKPT.value)
+    out = policy.export_hf(step_dir, _OUT.value, dtype=_DTYPE.value)
   if sharding.is_main_process():
-    print(f"exported {_CKPT.value} -> {out}")
+    print(f"exported step {os.path.basename(step_dir)} ({step_dir}) -> {out}")
 
 
 if __name__ == "__main__":

@@ -5,18 +5,25 @@ r"""Safe-GDPO: group-relative policy optimisation from a Safe-SFT checkpoint.
 
 gdpo.init_checkpoint takes a Safe-SFT run directory, one orbax step directory
 or a Hugging Face directory. Re-running the same command in the same workdir
-resumes from its latest checkpoint on the same trajectory.
+resumes from its latest checkpoint on the same trajectory — only if that
+checkpoint came from the same inputs, the init checkpoint's exact step and
+content included (else an error naming what differs; --overwrite discards
+it). Exit codes: 0 done, 1 error, 143 preempted (SIGTERM: a checkpoint was
+written; rerun to resume).
 """
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+import launch
 from safecrs_jax import gdpo, plan
 from safecrs_jax import sharding
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file; use its gdpo stage (…:stage=gdpo).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, tb).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False,
+                               "Discard a checkpoint in --workdir that came from other inputs.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,13 +33,18 @@ def main(argv):
   config = _CONFIG.value
   if config.get("stage", "gdpo") != "gdpo":
     raise app.UsageError(f"config stage is {config.stage!r}; pass …:stage=gdpo")
+  launch.quiet_logs()
   sharding.maybe_initialize_distributed()
   plan.preflight(config)  # compile-only memory check; stops here if it cannot fit
-  summary = gdpo.train(config, _WORKDIR.value)
+  config.checkpoint.overwrite = config.checkpoint.overwrite or _OVERWRITE.value
+  with launch.clear_errors():
+    summary = gdpo.train(config, _WORKDIR.value)
   if sharding.is_main_process():
     last = summary["history"][-1] if summary["history"] else {}
     print(f"gdpo: step {summary['final_step']} in {summary['workdir']}; last rollout "
           f"SVR {last.get('rollout/svr', float('nan')):.4f}, hit {last.get('rollout/hit', float('nan')):.4f}")
+  if summary["preempted"]:
+    raise SystemExit(launch.PREEMPTED)  # 128 + SIGTERM: the scheduler sees a preempted job
 
 
 if __name__ == "__main__":

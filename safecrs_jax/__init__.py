@@ -18,7 +18,10 @@ The modules follow the data path — rows -> tokens -> model -> text -> rewards
   train_loop     run directory, restore-or-init, cadence, preemption, the loop
   sft, gdpo      the two stages: setup and the body of a step
   evaluation/    resumable generation; scoring, reports, tables, plots
-  checkpoint, optim, lora, train_state, metrics_log, assets, demo
+  checkpoint     orbax save / restore; per-step checksums, damage checks
+  provenance     content hashes, fingerprints, the check on every reuse
+  run_lock       one run per work directory
+  optim, lora, train_state, metrics_log, assets, demo
 
 Imports point one way: launch/ and demo -> stages and evaluation -> loop,
 steps, policy, rollout, advantages, losses -> models, sharding, tokens,
@@ -45,7 +48,8 @@ __version__ = "0.1.0"
 _SUBMODULES = (
     "models", "sharding", "tokens", "saferec", "optim", "checkpoint", "policy", "rollout",
     "advantages", "policy_loss", "rank_items", "steps", "train_loop", "sft", "gdpo",
-    "evaluation", "metrics_log", "lora", "assets", "train_state", "demo", "plan",
+    "evaluation", "metrics_log", "lora", "assets", "train_state", "demo", "plan", "provenance",
+    "run_lock", "chips", "flops",
 )
 
 

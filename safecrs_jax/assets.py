@@ -1,14 +1,16 @@
 """Resolves the config sentinels to real directories, building them once.
 
     data.dir == "mini"        -> SafeRec-mini generated with seed data.mini_seed
-    tokenizer.path == "local" -> byte-level BPE trained on that data's train split
+    tokenizer.path == "local" -> byte-level BPE trained on that data's train split,
+                                 cached under a hash of the training texts' content
     tokenizer.path == ""      -> the tokenizer next to model.hf_dir
 
 Built assets live in a cache folder (data.cache_dir, else $SAFECRS_CACHE, else
 ~/.cache/safecrs_jax). Each is built into a temporary sibling folder and
 renamed into place, so concurrent or crashed builds never leave half an asset:
-a finished folder is complete by construction. Shared by SFT, GDPO and
-evaluation.
+a finished folder is complete by construction; a failed build (an exception,
+or a tokenizer asked for an empty split) is never cached. Shared by SFT,
+GDPO and evaluation.
 """
 import glob
 import hashlib
@@ -22,7 +24,7 @@ from safecrs_jax.saferec import mini
 # Bump when the tokenizer recipe changes so old caches are not reused. The
 # SafeRec-mini key is a hash of the saferec sources (see _mini_version), so a
 # changed generator never serves a stale cached dataset.
-_TOKENIZER_VERSION = "v1"
+_TOKENIZER_VERSION = "v2"
 MINI = "mini"
 LOCAL_TOKENIZER = "local"
 DEFAULT_LOCAL_VOCAB = 2048
@@ -87,18 +89,24 @@ def resolve_data_dir(config):
   return os.path.abspath(d)
 
 
-def _data_key(config, data_dir):
-  if config.data.dir == MINI:
-    return f"mini{_mini_version()}-seed{int(config.data.get('mini_seed', 0))}"
-  return "dir-" + hashlib.sha256(os.path.abspath(data_dir).encode()).hexdigest()[:12]
+def texts_key(texts):
+  """Short sha256 of the training texts (their content and order): the tokenizer cache key."""
+  h = hashlib.sha256()
+  for t in texts:
+    h.update(t.encode("utf-8", "surrogatepass") + b"\0")
+  return h.hexdigest()[:16]
 
 
-def local_tokenizer_dir(rows_fn, key, vocab_size=DEFAULT_LOCAL_VOCAB, root=None):
-  """The locally trained tokenizer for data `key`, built once from rows_fn()."""
+def local_tokenizer_dir(rows_fn, vocab_size=DEFAULT_LOCAL_VOCAB, root=None, what="train split"):
+  """The locally trained tokenizer for the texts of rows_fn(), built once per content."""
   root = root or cache_root()
-  final = os.path.join(root, f"tokenizer_{_TOKENIZER_VERSION}_{key}_v{int(vocab_size)}")
+  texts = list(tokens.rows_texts(rows_fn()))
+  if not texts:
+    raise ValueError(f"cannot train the local tokenizer: the {what} has no rows")
+  final = os.path.join(root, f"tokenizer_{_TOKENIZER_VERSION}_{texts_key(texts)}"
+                             f"_v{int(vocab_size)}")
   return build_once(final, lambda tmp: tokens.build_local_tokenizer(
-      tokens.rows_texts(rows_fn()), tmp, vocab_size=int(vocab_size)))
+      texts, tmp, vocab_size=int(vocab_size)))
 
 
 def resolve_tokenizer_path(config, data_dir=None):
@@ -109,8 +117,8 @@ def resolve_tokenizer_path(config, data_dir=None):
     strict = config.data.get("strict", True)
     return local_tokenizer_dir(
         lambda: saferec.load_split(data_dir, "train", stage="sft", strict=strict),
-        _data_key(config, data_dir),
-        config.tokenizer.get("local_vocab_size", DEFAULT_LOCAL_VOCAB), cache_root(config))
+        config.tokenizer.get("local_vocab_size", DEFAULT_LOCAL_VOCAB), cache_root(config),
+        what=f"train split of {data_dir}")
   if not path:
     path = config.model.hf_dir
     if not path:

@@ -9,6 +9,14 @@ A run directory is self-describing:
       model_config.json          HF config.json of the model being trained
       tokenizer/                 the HF tokenizer used to build the batches
       config.json                the full ml_collections config of the run
+      checkpoints/<step>/checksums.json  sha256 of every file of state/ and data/,
+                                 written once the (async) save has finished
+
+Integrity: a step whose state/ is gone or whose files do not match
+checksums.json is *damaged*; every reader (resume, policy.load_params,
+export, evaluation) refuses it with one line naming the step — nothing falls
+back to an older step silently. `checkpoint.verify=False` skips the hashing
+(the structure is still checked).
 
 `Checkpointer.restore_latest(abstract_state, fingerprint)` is how a restarted
 command resumes; a checkpoint that cannot be read, or that was written for a
@@ -17,20 +25,41 @@ directory — it never silently starts over. Loading a whole model from a step
 (config, tokenizer, LoRA merge) is `policy.load_policy`.
 """
 import json
+import logging
 import os
+import shutil
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from safecrs_jax import provenance
+
 CHECKPOINTS = "checkpoints"
 MODEL_CONFIG = "model_config.json"
 TOKENIZER = "tokenizer"
 
 
+STEP_ITEMS = ("state", "data")
+
+
 class CheckpointError(RuntimeError):
-  """A checkpoint that cannot be used: unreadable, corrupt or incompatible."""
+  """A checkpoint that cannot be used: unreadable, corrupt, damaged or incompatible."""
+
+
+class IncompatibleCheckpoint(CheckpointError, provenance.ProvenanceError):
+  """A readable checkpoint written from other inputs (model, data, settings, init)."""
+
+
+def _quiet_asyncio():
+  """Orbax's background event loops log "Event loop is closed" after a failed read."""
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
+def _one_line(e):
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _tree_signature(tree):
@@ -75,9 +104,10 @@ def _normalise_keys(sig):
 class Checkpointer:
   """CheckpointManager wrapper holding one train state plus a JSON data position."""
 
-  def __init__(self, directory, *, save_every=500, keep=3, async_save=True):
+  def __init__(self, directory, *, save_every=500, keep=3, async_save=True, verify=True):
     self.directory = os.path.abspath(directory)
     self.save_every = int(save_every)
+    self.verify, self._async, self._unsealed = bool(verify), bool(async_save), []
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(int(save_every), 1), max_to_keep=int(keep),
         enable_async_checkpointing=bool(async_save), create=True,
@@ -111,8 +141,26 @@ class Checkpointer:
       return False
     if not force and not self.should_save(step):
       return False
-    return self._mngr.save(int(step), force=True, args=ocp.args.Composite(
+    self.seal()
+    started = self._mngr.save(int(step), force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data))))
+    if started:
+      self._unsealed.append(int(step))
+      if not self._async:
+        self.seal()
+    return started
+
+  def seal(self):
+    """Waits for pending saves, then writes checksums.json of each finished step."""
+    if not self._unsealed:
+      return
+    self._mngr.wait_until_finished()
+    if jax.process_index() == 0:
+      for step in self._unsealed:
+        step_dir = os.path.join(self.directory, str(step))
+        if os.path.isdir(os.path.join(step_dir, "state")):   # not garbage-collected meanwhile
+          provenance.write_manifest(step_dir, STEP_ITEMS)
+    self._unsealed = []
 
   def check_compatible(self, step, abstract_state, fingerprint=None):
     """Raises CheckpointError unless step `step` matches the state's shapes/dtypes."""
@@ -122,17 +170,13 @@ class Checkpointer:
       meta = self._mngr.metadata(step).item_metadata["state"]
     except Exception as e:  # noqa: BLE001
       raise CheckpointError(f"checkpoint {where} is unreadable or corrupt: "
-                            f"{type(e).__name__}: {e}") from e
+                            f"{_one_line(e)}") from None
     if meta is None:
       raise CheckpointError(f"checkpoint {where} has no readable 'state' item")
     meta_tree = getattr(meta, "tree", meta)
     if fingerprint is not None:
-      saved = data.get("fingerprint")
-      if saved != json.loads(json.dumps(fingerprint)):
-        diff = _dict_diff(saved or {}, json.loads(json.dumps(fingerprint)))
-        raise CheckpointError(
-            f"checkpoint {where} was written by an incompatible run ({diff}); "
-            f"use a new --workdir or delete {self.directory}")
+      provenance.check(f"checkpoint {where}", data.get("fingerprint"),
+                       fingerprint, error=IncompatibleCheckpoint)
     want = _normalise_keys(_tree_signature(abstract_state))
     have = _normalise_keys(_metadata_signature(meta_tree))
     missing = sorted(set(want) - set(have))
@@ -153,19 +197,26 @@ class Checkpointer:
 
   def restore(self, step, abstract_state, fingerprint=None):
     """(state, data) of `step`, restored into `abstract_state`'s shardings."""
-    data = self.check_compatible(step, abstract_state, fingerprint)
     where = os.path.join(self.directory, str(step))
+    check_step(where, verify=self.verify)
+    data = self.check_compatible(step, abstract_state, fingerprint)
+    _quiet_asyncio()
     try:
       out = self._mngr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state)))
     except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f"checkpoint {where} could not be restored: "
-                            f"{type(e).__name__}: {e}") from e
+      raise CheckpointError(f"checkpoint {where} could not be restored ({_one_line(e)}); "
+                            f"delete {where} to resume from the step before it") from None
     return out["state"], data
 
   def restore_latest(self, abstract_state, fingerprint=None):
-    """(state, data) of the latest step, or None when there is no checkpoint."""
-    step = self.latest_step()
+    """(state, data) of the latest step, or None when there is no checkpoint.
+
+    A damaged newest step (state/ gone, checksum mismatch) is an error, never
+    skipped in favour of an older one.
+    """
+    step = max(saved_steps(self.directory) + [s for s in [self.latest_step()] if s is not None],
+               default=None)
     if step is None:
       self._refuse_stray_contents()
       return None
@@ -180,12 +231,24 @@ class Checkpointer:
           f"checkpoint directory {self.directory} holds {sorted(stray)[:5]} but no "
           "readable checkpoint; refusing to start over (delete it to restart)")
 
+  def discard_all(self):
+    """Deletes every step (process 0) and reopens the manager: the run starts over."""
+    self._mngr.wait_until_finished()
+    self._unsealed = []
+    if jax.process_index() == 0:
+      for name in os.listdir(self.directory):
+        path = os.path.join(self.directory, name)
+        if os.path.isdir(path):
+          shutil.rmtree(path)
+    self._mngr.reload()
+
   def wait(self):
     """Blocks until pending async saves are finished."""
     self._mngr.wait_until_finished()
 
   def close(self):
     self._mngr.wait_until_finished()
+    self.seal()
     self._mngr.close()
 
   def __enter__(self):
@@ -195,34 +258,59 @@ class Checkpointer:
     self.close()
 
 
-def _dict_diff(a, b, prefix=""):
-  keys = sorted(set(a) | set(b))
-  for k in keys:
-    va, vb = a.get(k), b.get(k)
-    if isinstance(va, dict) and isinstance(vb, dict):
-      d = _dict_diff(va, vb, f"{prefix}{k}.")
-      if d:
-        return d
-    elif va != vb:
-      return f"{prefix}{k}: saved {va!r}, now {vb!r}"
-  return ""
-
-
 # --------------------------------------------------------------------------
 # Reading saved steps (policy.load_policy builds on these).
 
 def saved_steps(ckdir):
-  """Sorted steps under a checkpoints directory (entries <step>/ holding state/)."""
+  """Sorted steps under a checkpoints directory: every <step>/ entry, damaged ones included.
+
+  (orbax writes a step under a temporary name and renames it when finished, so
+  a digit-named directory without state/ is damaged, not absent.)
+  """
   if not os.path.isdir(ckdir):
     return []
   return sorted(int(n) for n in os.listdir(ckdir)
-                if n.isdigit() and os.path.isdir(os.path.join(ckdir, n, "state")))
+                if n.isdigit() and os.path.isdir(os.path.join(ckdir, n)))
+
+
+def step_problem(step_dir, verify=True):
+  """None for a usable step directory, else what is wrong with it (one phrase).
+
+  A finished step without checksums.json (a crash between the end of an async
+  save and the manifest, or a checkpoint older than checksums) gets one now.
+  """
+  if not os.path.isdir(os.path.join(step_dir, "state")):
+    return "its state/ directory is missing"
+  if not verify:
+    return None
+  if provenance.read_manifest(step_dir) is None:
+    if jax.process_index() == 0 and os.access(step_dir, os.W_OK):
+      provenance.write_manifest(step_dir, STEP_ITEMS)
+      print(f"checkpoint {step_dir}: no {provenance.MANIFEST} yet; recorded it now", flush=True)
+    return None
+  return provenance.verify_manifest(step_dir, STEP_ITEMS)
+
+
+def check_step(step_dir, verify=True):
+  """Raises CheckpointError (one line: the step, what is wrong, what to do) for a damaged step."""
+  problem = step_problem(step_dir, verify)
+  if problem:
+    step = os.path.basename(step_dir.rstrip("/"))
+    raise CheckpointError(
+        f"checkpoint step {step} ({step_dir}) is damaged: {problem}; delete that directory "
+        "to use the step before it, or name another step explicitly")
 
 
 def find_step_dir(path):
-  """Step directory for a run dir, its checkpoints/ dir, or a step dir itself."""
+  """Step directory for a run dir (its latest step), its checkpoints/ dir, or a step dir.
+
+  The step is checked for damage (state/ present); a damaged latest step is an
+  error, not a reason to fall back to an older one.
+  """
   path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "state")):
+  if os.path.isdir(os.path.join(path, "state")) or (
+      os.path.basename(path).isdigit() and os.path.isdir(path)):
+    check_step(path, verify=False)
     return path
   ckdir = os.path.join(path, CHECKPOINTS) if os.path.isdir(
       os.path.join(path, CHECKPOINTS)) else path
@@ -231,7 +319,9 @@ def find_step_dir(path):
   steps = saved_steps(ckdir)
   if not steps:
     raise CheckpointError(f"no checkpoint found under {ckdir}")
-  return os.path.join(ckdir, str(steps[-1]))
+  step_dir = os.path.join(ckdir, str(steps[-1]))
+  check_step(step_dir, verify=False)
+  return step_dir
 
 
 def run_dir_of(step_dir):
@@ -240,14 +330,15 @@ def run_dir_of(step_dir):
   return d if os.path.exists(os.path.join(d, MODEL_CONFIG)) else None
 
 
-def load_state_items(path, abstract_items):
-  """Restores only the named top-level items of a saved train state.
+def load_state_items(path, abstract_items, verify=True):
+  """Restores only the named top-level items of a saved train state (checksums verified).
 
   abstract_items: {"params": abstract tree, "lora": abstract tree or None, ...}
   (jax.ShapeDtypeStruct leaves, with shardings to restore sharded). The optimiser
   state is never read. Returns the same dict with arrays.
   """
   step_dir = find_step_dir(path)
+  check_step(step_dir, verify=verify)
   state_dir = os.path.join(step_dir, "state")
   items = {k: v for k, v in abstract_items.items() if v is not None}
   want = _normalise_keys(_tree_signature(items))
@@ -256,7 +347,8 @@ def load_state_items(path, abstract_items):
     meta_tree = getattr(meta, "tree", meta)
     have = _normalise_keys(_metadata_signature(meta_tree))
   except Exception as e:  # noqa: BLE001
-    raise CheckpointError(f"checkpoint {step_dir} is unreadable or corrupt: {e}") from e
+    raise CheckpointError(f"checkpoint {step_dir} is unreadable or corrupt: "
+                          f"{_one_line(e)}") from None
   bad = [k for k in want if k not in have or have[k][0] != want[k][0]]
   if bad:
     k = bad[0]
@@ -264,11 +356,13 @@ def load_state_items(path, abstract_items):
         f"checkpoint {step_dir} does not match the requested params at {k}: saved "
         f"{have.get(k, ('absent',))[0]} vs expected {want[k][0]} ({len(bad)} mismatches)")
   restore_args = ocp.checkpoint_utils.construct_restore_args(items)
+  _quiet_asyncio()
   try:
     out = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
         item=items, restore_args=restore_args, partial_restore=True))
   except Exception as e:  # noqa: BLE001
-    raise CheckpointError(f"checkpoint {step_dir} could not be restored: {e}") from e
+    raise CheckpointError(f"checkpoint {step_dir} could not be restored: "
+                          f"{_one_line(e)}") from None
   return {k: out.get(k) if k in items else None for k in abstract_items}
 
 

@@ -15,10 +15,21 @@ Steps (each resumable: re-running the command skips finished stages):
   6. A table (<workdir>/summary.md, summary.json) and a verdict: does GDPO cut
      SVR@10 clearly below SFT without Recall@10 collapsing? A run that does not
      says so.
+
+Re-running with other settings never mixes models: every stage resumes only
+from a checkpoint with the same fingerprint (data, tokenizer, settings, and
+for GDPO / GRPO the exact Safe-SFT step and its checksums). On a mismatch —
+e.g. `--set=sft.num_steps=30` after a 20-step run — the demo STOPS with one
+line naming the stage and the first setting that differs; `overwrite=True`
+(`launch.demo --overwrite`) discards the mismatching stage runs and trains
+them again (the later stages then see a changed Safe-SFT checkpoint and are
+retrained too). Evaluations are regenerated whenever their checkpoint or
+settings changed, and the base export is rebuilt when its recipe changed.
 """
 import ast
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -30,6 +41,7 @@ from safecrs_jax import evaluation
 from safecrs_jax import gdpo
 from safecrs_jax import models
 from safecrs_jax import policy
+from safecrs_jax import provenance
 from safecrs_jax import sft
 from safecrs_jax import tokens
 
@@ -80,16 +92,29 @@ def _log(msg):
 
 
 def export_base(config, out_dir):
-  """The untrained model (seeded random init) as an HF directory with the tokenizer."""
-  if os.path.exists(os.path.join(out_dir, "config.json")):
-    return out_dir
+  """The untrained model (seeded random init) as an HF directory with the tokenizer.
+
+  Reused only when its recorded recipe (model config, tokenizer, seed) matches.
+  """
   tok_dir = assets.resolve_tokenizer_path(config)
   tokenizer = tokens.load_tokenizer(tok_dir)
   cfg = policy.model_config(config, tokenizer)
+  recipe = {"model": cfg.to_hf_dict(), "tokenizer": provenance.tokenizer_hash(tokenizer),
+            "seed": int(config.seed)}
+  stamp = os.path.join(out_dir, "provenance.json")
+  if os.path.exists(stamp):
+    with open(stamp, encoding="utf-8") as f:
+      if provenance.first_difference(json.load(f), json.loads(json.dumps(recipe))) is None:
+        return out_dir
+    _log(f"base model in {out_dir} was built from another recipe: rebuilding it")
   params = models.init_params(cfg, jax.random.key(int(config.seed)))
   tmp = out_dir + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
   models.save_hf(cfg, params, tmp)
   tokenizer.save_pretrained(tmp)
+  with open(os.path.join(tmp, "provenance.json"), "w", encoding="utf-8") as f:
+    json.dump(recipe, f)
+  shutil.rmtree(out_dir, ignore_errors=True)
   os.replace(tmp, out_dir)
   return out_dir
 
@@ -115,12 +140,19 @@ def verdict(table):
   return False, "NOT SHOWN in this run: " + "; ".join(why) + "."
 
 
-def run(workdir, *, size="tiny", overrides=None, progress=True, eval_rows=-1):
-  """Runs the whole pipeline in `workdir`; returns the summary dict."""
+def run(workdir, *, size="tiny", overrides=None, progress=True, eval_rows=-1, overwrite=False):
+  """Runs the whole pipeline in `workdir`; returns the summary dict ({"preempted": True, ...}
+  when a stage was stopped by SIGTERM: rerun to resume).
+
+  overwrite: stage runs whose checkpoints came from other inputs are discarded
+  and trained again (default: stop with provenance.ProvenanceError).
+  """
   t0 = time.time()
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   overrides = dict(overrides or {})
+  if overwrite:
+    overrides["checkpoint.overwrite"] = True
   overrides.setdefault("data.cache_dir", os.path.join(workdir, "assets"))
   overrides.setdefault("log.progress", progress)
   if eval_rows > 0:
@@ -140,13 +172,15 @@ def run(workdir, *, size="tiny", overrides=None, progress=True, eval_rows=-1):
            "grpo": os.path.join(workdir, "grpo")}
   t = time.time()
   _log("Safe-SFT ...")
-  sft.train(sft_cfg, paths["sft"])
+  if sft.train(sft_cfg, paths["sft"])["preempted"]:
+    return {"preempted": True, "workdir": workdir}
   timings["sft_s"] = time.time() - t
   for name, cfg in (("gdpo", gdpo_cfg), ("grpo", grpo_cfg)):
     t = time.time()
     cfg.gdpo.init_checkpoint = paths["sft"]
     _log(f"Safe-GDPO, advantage_mode={cfg.gdpo.advantage_mode} ...")
-    gdpo.train(cfg, paths[name])
+    if gdpo.train(cfg, paths[name])["preempted"]:
+      return {"preempted": True, "workdir": workdir}
     timings[f"{name}_s"] = time.time() - t
 
   t = time.time()

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from safecrs_jax import (advantages, assets, checkpoint, chips, flops, models, optim, policy,
-                         policy_loss, rank_items, rollout, saferec, steps, tokens)
+                         policy_loss, provenance, rank_items, rollout, run_lock, saferec, steps,
+                         tokens)
 from safecrs_jax import sharding as shd
 from safecrs_jax import train_loop as loop
 from safecrs_jax import train_state as ts
@@ -148,8 +149,14 @@ class Run:
     self.rows = saferec.load_split(self.data_dir, "train", stage="grpo",
                                    strict=config.data.get("strict", True))
     self.oracle = saferec.load_oracle(self.data_dir, float(config.data.risk_threshold))
+    if not g.init_checkpoint and jax.process_index() == 0:
+      print("gdpo: WARNING: gdpo.init_checkpoint is empty: training from "
+            + (f"the base model {config.model.hf_dir}" if config.model.hf_dir else
+               f"a RANDOM init of preset {config.model.preset!r}")
+            + ", not from a Safe-SFT checkpoint", flush=True)
     pol = policy.load_policy(config, g.init_checkpoint, self.mesh, self.rules,
                              data_dir=self.data_dir)
+    self.init_identity = policy.source_identity(config, g.init_checkpoint)
     self.model_cfg, self.tokenizer = pol.model_cfg, pol.tokenizer
     self._batch_geometry()
     self.sampling = rollout.SamplingConfig(
@@ -183,15 +190,18 @@ class Run:
     self.state_shardings = ts.shardings(abstract, models.param_logical_axes(self.model_cfg),
                                         self.mesh, self.rules)
     self.abstract_state = ts.with_shardings(abstract, self.state_shardings)
-    self.fingerprint = dict(loop.model_fingerprint(self.model_cfg), stage="gdpo",
-                            step_prompts=self.step_prompts, group_size=self.group,
-                            mu=self.mu, seed=int(self.config.seed))
+    self.fingerprint = loop.stage_fingerprint(
+        self.config, "gdpo", self.model_cfg, data=provenance.data_fingerprint(self.data_dir),
+        tokenizer=provenance.tokenizer_hash(self.tokenizer), init=self.init_identity,
+        step_prompts=self.step_prompts, group_size=self.group, mu=self.mu,
+        seed=int(self.config.seed))
     self.ckpt = loop.open_checkpointer(self.config, self.workdir)
     self.root_key = jax.random.key(int(self.config.seed))
     copy = jax.jit(lambda p: ts.create(jax.tree.map(jnp.copy, p), self.tx),
                    out_shardings=self.state_shardings)
-    self.state, data = loop.restore_or_init(self.ckpt, self.abstract_state, self.fingerprint,
-                                            lambda: copy(params))
+    self.state, data = loop.restore_or_init(
+        self.ckpt, self.abstract_state, self.fingerprint, lambda: copy(params),
+        overwrite=bool(self.config.checkpoint.get("overwrite", False)))
     self.start_step = 0 if data is None else int(data["step"])
     if int(jax.device_get(self.state.step)) != self.start_step * self.mu:
       raise checkpoint.CheckpointError(
@@ -389,8 +399,13 @@ def train(config, workdir):
   Summary: start_step, final_step, history (one dict of host metrics per loop
   step run in this call: rollout SVR / hit rate, rewards, advantage
   diagnostics, timings on logged steps, and train/* for logged steps),
-  preempted, run.
+  preempted, run. Holds <workdir>/.lock while running.
   """
+  with run_lock.hold(workdir):
+    return _train(config, workdir)
+
+
+def _train(config, workdir):
   run = Run(config, workdir)
   run.summary = summary = {"workdir": run.workdir, "start_step": run.start_step,
                            "history": [], "preempted": False}

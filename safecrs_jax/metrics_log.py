@@ -28,10 +28,17 @@ def _scalar(v):
 
 
 class JsonlWriter:
-  """Appends {"step": s, "time": t, **metrics} lines to `path`."""
+  """Appends {"step": s, "time": t, **metrics} lines to `path`.
 
-  def __init__(self, path):
+  resume_step: the step a run restarts from; existing rows past it (written by
+  the interrupted run after its last checkpoint) and torn lines are dropped
+  first. 0 starts an empty file; None keeps everything.
+  """
+
+  def __init__(self, path, resume_step=None):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if resume_step is not None and os.path.exists(path):
+      _truncate_after(path, int(resume_step))
     self._f = open(path, "a", encoding="utf-8")
 
   def write(self, step, metrics):
@@ -44,12 +51,33 @@ class JsonlWriter:
     self._f.close()
 
 
-class TensorBoardWriter:
-  """Scalars as TensorBoard events (tensorboardX) under `logdir`."""
+def _truncate_after(path, step):
+  """Rewrites a metrics.jsonl keeping the well-formed rows with step <= `step` (0: none)."""
+  keep = []
+  with open(path, encoding="utf-8", errors="replace") as f:
+    for line in f:
+      try:
+        rec = json.loads(line)
+      except ValueError:
+        continue
+      if step > 0 and int(rec.get("step", 0)) <= step:
+        keep.append(line if line.endswith("\n") else line + "\n")
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
 
-  def __init__(self, logdir):
+
+class TensorBoardWriter:
+  """Scalars as TensorBoard events (tensorboardX) under `logdir`.
+
+  purge_step: a new event file whose readers discard every event at or after
+  this step from older files (the resumed run rewrites them).
+  """
+
+  def __init__(self, logdir, purge_step=None):
     from tensorboardX import SummaryWriter  # optional dependency at import time
-    self._w = SummaryWriter(logdir=logdir, flush_secs=30)
+    self._w = SummaryWriter(logdir=logdir, flush_secs=30, purge_step=purge_step)
 
   def write(self, step, metrics):
     for k, v in metrics.items():
@@ -94,14 +122,16 @@ class MetricWriter:
   """
 
   def __init__(self, workdir, *, tensorboard=True, jsonl_name="metrics.jsonl",
-               enabled=None, wandb_project="", wandb_mode="online", wandb_config=None):
+               enabled=None, resume_step=None, wandb_project="", wandb_mode="online",
+               wandb_config=None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._writers = []
     if not self.enabled:
       return
-    self._writers.append(JsonlWriter(os.path.join(workdir, jsonl_name)))
+    self._writers.append(JsonlWriter(os.path.join(workdir, jsonl_name), resume_step))
     if tensorboard:
-      self._writers.append(TensorBoardWriter(os.path.join(workdir, "tb")))
+      purge = None if resume_step is None else int(resume_step) + 1
+      self._writers.append(TensorBoardWriter(os.path.join(workdir, "tb"), purge))
     if wandb_project:
       self._writers.append(WandbWriter(workdir, project=wandb_project, mode=wandb_mode,
                                        config=wandb_config))

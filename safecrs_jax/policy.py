@@ -3,6 +3,7 @@
     cfg = policy.model_config(config, tokenizer)            # numerics from the config
     kind = policy.checkpoint_kind(path)                      # "hf" | "step" | "run"
     pol = policy.load_policy(config, path, mesh, rules)     # Policy(model_cfg, params, tokenizer, ...)
+    ident = policy.source_identity(config, path)             # what exactly `path` holds
     policy.export_hf(path, out_dir)                          # orbax step -> HF dir
 
 Every stage starts its model here: Safe-SFT (from `model.hf_dir` or a random
@@ -13,7 +14,8 @@ export. A path is one of
   step  an orbax step directory (`<run>/checkpoints/<step>`, holding state/);
   run   a run directory or its checkpoints/ directory: its latest step.
 An orbax step restores only the params (LoRA adapters merged); its model
-config and tokenizer come from the run directory.
+config and tokenizer come from the run directory. Its checksums.json is
+verified first (checkpoint.verify): a damaged step is an error naming it.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from safecrs_jax import assets, checkpoint, models, tokens
+from safecrs_jax import assets, checkpoint, models, provenance, tokens
 from safecrs_jax import lora as lora_lib
 from safecrs_jax import sharding as shd
 from safecrs_jax import train_state as ts
@@ -93,8 +95,10 @@ def checkpoint_kind(path) -> str:
     raise FileNotFoundError(f"checkpoint {path!r} does not exist")
   if is_hf_dir(path):
     return "hf"
-  if os.path.isdir(os.path.join(path, "state")):
-    return "step"
+  if os.path.isdir(os.path.join(path, "state")) or (
+      os.path.basename(os.path.abspath(path)).isdigit()
+      and os.path.basename(os.path.dirname(os.path.abspath(path))) == checkpoint.CHECKPOINTS):
+    return "step"      # a damaged step (no state/) is reported as such by its readers
   ckdir = os.path.join(path, checkpoint.CHECKPOINTS)
   if checkpoint.saved_steps(ckdir if os.path.isdir(ckdir) else path):
     return "run"
@@ -114,7 +118,30 @@ class Policy:
   kind: str            # "hf" | "step" | "run" | "preset"
 
 
-def load_params(path, mesh=None, rules=None, *, merge_lora=True, **overrides):
+def source_identity(config, path):
+  """What exactly `path` (as load_policy reads it) holds, for fingerprints.
+
+  orbax: {kind, path, step, manifest}: the step dir and a hash of its
+  checksums.json; hf: {kind, path, hash} (content of the directory); "" : the
+  config's model section (model.hf_dir's hash, or the random preset + seed).
+  """
+  if not path:
+    if config.model.hf_dir:
+      return source_identity(config, config.model.hf_dir)
+    return {"kind": "preset", "preset": config.model.preset,
+            "overrides": [list(x) for x in shd.as_tuples(config.model.get("overrides", ()) or ())],
+            "seed": int(config.seed)}
+  if checkpoint_kind(path) == "hf":
+    return {"kind": "hf", "path": os.path.abspath(path), "hash": provenance.tree_hash(path)}
+  step_dir = checkpoint.find_step_dir(path)
+  checkpoint.check_step(step_dir, verify=False)
+  checkpoint.step_problem(step_dir)            # records checksums.json when still missing
+  files = provenance.read_manifest(step_dir)
+  return {"kind": "orbax", "path": step_dir, "step": int(os.path.basename(step_dir)),
+          "manifest": provenance.digest(files) if files is not None else None}
+
+
+def load_params(path, mesh=None, rules=None, *, merge_lora=True, verify=True, **overrides):
   """(ModelConfig, params) of an orbax run / checkpoints / step dir.
 
   The model config comes from the run's model_config.json (`overrides` set
@@ -141,7 +168,7 @@ def load_params(path, mesh=None, rules=None, *, merge_lora=True, **overrides):
       l_axes = lora_lib.logical_axes(axes, abstract["lora"])
       l_sh = shd.logical_to_sharding(l_axes, mesh, rules, shapes=abstract["lora"])
       abstract["lora"] = ts.with_shardings(abstract["lora"], l_sh)
-  out = checkpoint.load_state_items(step_dir, abstract)
+  out = checkpoint.load_state_items(step_dir, abstract, verify=verify)
   params, adapters = out["params"], out["lora"]
   scale = lora_lib.scale(info["alpha"], info["rank"]) if info else None
   if not merge_lora:
@@ -183,7 +210,8 @@ def load_policy(config, path, mesh=None, rules=None, *, data_dir=None, init_key=
     has_tok = os.path.exists(os.path.join(path, "tokenizer_config.json"))
     tok = tokens.load_tokenizer(path) if has_tok else _config_tokenizer(config, data_dir)
     return Policy(cfg, params, tok, os.path.abspath(path), kind)
-  cfg, params = load_params(path, mesh, rules, **over)
+  cfg, params = load_params(path, mesh, rules, verify=config.checkpoint.get("verify", True),
+                            **over)
   tok = tokens.load_tokenizer(checkpoint.tokenizer_dir(path))
   return Policy(cfg, params, tok, checkpoint.find_step_dir(path), kind)
 

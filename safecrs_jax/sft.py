@@ -14,6 +14,7 @@ Shape letters (package legend): A micro-batches per optimizer step, B rows
 per micro-batch (global), T padded length.
 """
 import functools
+import json
 import os
 import re
 import time
@@ -22,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safecrs_jax import (assets, checkpoint, chips, flops, models, optim, policy, saferec, steps,
-                         tokens)
+from safecrs_jax import (assets, checkpoint, chips, flops, models, optim, policy, provenance,
+                         run_lock, saferec, steps, tokens)
 from safecrs_jax import lora as lora_lib
 from safecrs_jax import sharding as shd
 from safecrs_jax import train_loop as loop
@@ -41,18 +42,37 @@ def prepare_rows(rows, config, oracle=None):
   the row's constraints (saferec.curate_sft_rows; rows left with no safe
   ground truth are dropped), with the <reasoning> block when sft.reasoning.
   Without curation (targets already curated), sft.reasoning=False strips any
-  <reasoning> block. Returns (rows, report).
+  <reasoning> block. Returns (rows, report); report["dropped"] lists the dropped
+  rows (index in the split, the user's request, its constraints).
   """
   reasoning = bool(config.sft.get("reasoning", True))
   if config.sft.get("curate", True):
     if oracle is None:
       raise ValueError("sft.curate needs the safety oracle")
+    loaded = rows
     rows, report = saferec.curate_sft_rows(rows, oracle, reasoning=reasoning)
-    report = {k: v for k, v in report.items() if k != "dropped_indices"}
+    report = dict(report, dropped=[_dropped_row(i, loaded[i])
+                                   for i in report.pop("dropped_indices")])
     return rows, report
   if not reasoning:
     rows = [dict(r, completion=_REASONING.sub("", r["completion"])) for r in rows]
   return rows, {"rows_in": len(rows), "rows_out": len(rows)}
+
+
+def _dropped_row(index, row):
+  text = row["prompt"][-1]["content"] if row.get("prompt") else ""
+  return {"index": int(index), "request": text[-160:],
+          "constraints": sorted(k for k, v in (row.get("constraints") or {}).items() if v)}
+
+
+def curation_lines(report, split, limit=5):
+  """Console lines: how many rows curation dropped from `split`, and the first few."""
+  dropped = report.get("dropped", [])
+  lines = [f"sft curation: {split}: {report.get('rows_in')} rows -> {report.get('rows_out')} "
+           f"({len(dropped)} dropped: no safe ground truth left)"]
+  lines += [f"  dropped row {d['index']} ({', '.join(d['constraints']) or 'no constraint'}): "
+            f"...{d['request'][-70:]!r}" for d in dropped[:limit]]
+  return lines
 
 
 def load_sft_examples(config, tokenizer, data_dir, split, oracle=None):
@@ -138,13 +158,18 @@ def eval_batches(examples, *, micro, buckets, sharding, max_batches=-1):
 
 # -- setup --------------------------------------------------------------------
 
-def fingerprint(model_cfg, config, global_batch):
-  """What must not change between a checkpoint and the run resuming from it."""
+def fingerprint(model_cfg, config, global_batch, *, data, tokenizer, init):
+  """What must not change between a checkpoint and the run resuming from it.
+
+  The model, the data's and tokenizer's content, the starting weights, every
+  result-changing setting (train_loop.stage_fingerprint) and the global batch.
+  """
   lora_cfg = config.sft.lora
-  return dict(loop.model_fingerprint(model_cfg),
-              lora=({"rank": int(lora_cfg.rank), "alpha": float(lora_cfg.alpha),
-                     "targets": list(lora_cfg.targets)} if int(lora_cfg.rank) else {}),
-              global_batch=int(global_batch), seed=int(config.seed))
+  return loop.stage_fingerprint(
+      config, "sft", model_cfg, data=data, tokenizer=tokenizer, init=init,
+      lora=({"rank": int(lora_cfg.rank), "alpha": float(lora_cfg.alpha),
+             "targets": list(lora_cfg.targets)} if int(lora_cfg.rank) else {}),
+      global_batch=int(global_batch), seed=int(config.seed))
 
 
 class Run:
@@ -160,6 +185,7 @@ class Run:
     tokens._check_buckets(config.tokenizer.buckets, int(config.tokenizer.max_length),
                           "tokenizer")
     self._load_data()
+    self._write_curation()
     n = int(config.sft.num_steps)
     self.total_steps = n if n > 0 else int(config.sft.epochs) * self.batcher.steps_per_epoch
     self.tx, self.schedule = optim.make_optimizer(config.optim, self.total_steps)
@@ -174,9 +200,10 @@ class Run:
     oracle = None
     if config.sft.get("curate", True):
       oracle = saferec.load_oracle(self.data_dir, risk_threshold=config.data.risk_threshold)
-    self.train_examples, self.curation = load_sft_examples(
+    self.curation = {}
+    self.train_examples, self.curation["train"] = load_sft_examples(
         config, self.tokenizer, self.data_dir, "train", oracle)
-    self.val_examples, _ = load_sft_examples(
+    self.val_examples, self.curation["validation"] = load_sft_examples(
         config, self.tokenizer, self.data_dir, "validation", oracle)
     self.micro = int(config.sft.batch_size) * shd.data_parallel_size(self.mesh)
     self.train_sharding = shd.batch_sharding(self.mesh, 3, batch_dim=1)
@@ -184,6 +211,13 @@ class Run:
     self.batcher = Batcher(self.train_examples, accum=int(config.sft.grad_accum),
                            micro=self.micro, seed=config.seed,
                            buckets=config.tokenizer.buckets, sharding=self.train_sharding)
+
+  def _write_curation(self):
+    """<workdir>/curation.json: what curation dropped from each split (process 0)."""
+    if jax.process_index() == 0:
+      os.makedirs(self.workdir, exist_ok=True)
+      with open(os.path.join(self.workdir, "curation.json"), "w", encoding="utf-8") as f:
+        json.dump(self.curation, f, indent=1, ensure_ascii=False)
 
   def _build_state(self):
     """Abstract state -> shardings -> restore the latest checkpoint or initialise."""
@@ -200,12 +234,17 @@ class Run:
     self.state_shardings = ts.shardings(abstract, models.param_logical_axes(self.model_cfg),
                                         self.mesh, self.rules)
     self.abstract_state = ts.with_shardings(abstract, self.state_shardings)
-    self.fingerprint = fingerprint(self.model_cfg, config, self.batcher.global_batch)
+    self.fingerprint = fingerprint(
+        self.model_cfg, config, self.batcher.global_batch,
+        data=provenance.data_fingerprint(self.data_dir),
+        tokenizer=provenance.tokenizer_hash(self.tokenizer),
+        init=policy.source_identity(config, ""))
     self.ckpt = loop.open_checkpointer(config, self.workdir)
     self.root_key = jax.random.key(int(config.seed))
     self.state, self.data_state = loop.restore_or_init(
         self.ckpt, self.abstract_state, self.fingerprint,
-        functools.partial(self._init_state, rank, targets))
+        functools.partial(self._init_state, rank, targets),
+        overwrite=bool(config.checkpoint.get("overwrite", False)))
     if self.data_state is not None:
       self._check_position()
 
@@ -300,15 +339,21 @@ def _validator(run, books):
 
 
 def train(config, workdir, *, stop_at=None, step_hook=None):
-  """Runs (or resumes) Safe-SFT in `workdir`; returns a summary dict.
+  """Runs (or resumes) Safe-SFT in `workdir`, holding its lock; returns a summary dict.
 
   stop_at: leave after this global step with a checkpoint (time-sliced jobs;
   the schedule still spans the full run). step_hook(step, state): called
   after every step (tests, custom monitoring); keep it cheap.
   Summary: final_step, train_loss [(step, loss)] at each logging point (the
   loss of that step), val_loss [(step, loss)], preempted, truncation and
-  curation reports, and `run` (the Run, holding the final state).
+  curation reports ({split: report}, also in <workdir>/curation.json), and
+  `run` (the Run, holding the final state).
   """
+  with run_lock.hold(workdir):
+    return _train(config, workdir, stop_at, step_hook)
+
+
+def _train(config, workdir, stop_at, step_hook):
   run = Run(config, workdir)
   start = int(jax.device_get(run.state.step))
   run.summary = summary = {

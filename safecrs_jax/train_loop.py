@@ -1,7 +1,8 @@
 """The books both training stages keep: run directory, restore-or-init, cadence, the loop.
 
+    fp = stage_fingerprint(config, "sft", model_cfg, data=..., tokenizer=..., init=...)
     ckpt = open_checkpointer(config, workdir)
-    state, data = restore_or_init(ckpt, abstract_state, fingerprint, init_fn)
+    state, data = restore_or_init(ckpt, abstract_state, fp, init_fn, overwrite=...)
     write_run_files(workdir, config, model_cfg, tokenizer)
     with Books(workdir, config.log, total, start, "sft") as books:
       state, step, preempted = run_loop(stage, state, start, books, log_every=...)
@@ -12,9 +13,17 @@ A stage (sft.Run, gdpo.Run) provides `total_steps`, `ckpt`,
 steps) and `data_position(step)` (the JSON saved beside each checkpoint). The
 loop saves every `checkpoint.save_every` steps and at the last step, and on
 SIGTERM (or a multi-host preemption notice) writes a final checkpoint and stops.
+
+Provenance: a checkpoint is resumed only when its stage fingerprint (model,
+data content, tokenizer, init checkpoint, every result-changing setting)
+equals the current one; otherwise `checkpoint.IncompatibleCheckpoint` — or,
+with checkpoint.overwrite, the old run's checkpoints and metrics are
+discarded and the stage starts over. After a resume, metrics.jsonl rows past
+the restored step are dropped and TensorBoard purges those steps.
 """
 import json
 import os
+import shutil
 import signal
 import threading
 
@@ -22,7 +31,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from safecrs_jax import checkpoint, metrics_log
+from safecrs_jax import checkpoint, metrics_log, provenance, tokens
 
 
 def due(step, every, total):
@@ -49,18 +58,68 @@ def model_fingerprint(model_cfg):
           "param_dtype": model_cfg.param_dtype}
 
 
+# Settings that do not change a stage's result: where things go, how often
+# they are logged / saved / validated, how the devices are laid out.
+_NOT_RESULT = {"stage", "log", "checkpoint", "mesh", "eval"}
+_NOT_RESULT_FIELDS = {"data": ("dir", "cache_dir"), "tokenizer": ("path",),
+                      "model": ("remat", "attention", "hf_dir"),
+                      "sft": ("eval_every", "eval_batches"), "gdpo": ("init_checkpoint",)}
+
+
+def result_settings(config):
+  """The config minus what cannot change the result (paths are replaced by content hashes)."""
+  out = {}
+  for key, value in json.loads(config.to_json_best_effort()).items():
+    if key in _NOT_RESULT:
+      continue
+    if isinstance(value, dict):
+      value = {k: v for k, v in value.items() if k not in _NOT_RESULT_FIELDS.get(key, ())}
+    out[key] = value
+  return out
+
+
+def stage_fingerprint(config, stage, model_cfg, *, data, tokenizer, init, **extra):
+  """What must match for a checkpoint of `stage` to be resumed.
+
+  data: provenance.data_fingerprint of the data dir; tokenizer:
+  provenance.tokenizer_hash; init: identity of the starting weights
+  (policy.source_identity: path + step + checksum-manifest hash, HF dir hash,
+  or the random preset); the result-changing settings of every section.
+  """
+  sections = result_settings(config)
+  other = "gdpo" if stage == "sft" else "sft"
+  sections.pop(other, None)        # the other stage's section cannot change this one
+  return dict(model_fingerprint(model_cfg), stage=stage, data=data, tokenizer=tokenizer,
+              init=init, settings=sections, **extra)
+
+
 def write_run_files(workdir, config, model_cfg, tokenizer):
-  """model_config.json, tokenizer/ and config.json next to the checkpoints (process 0)."""
+  """model_config.json, tokenizer/ and config.json next to the checkpoints (process 0).
+
+  tokenizer/ is rewritten when it differs from `tokenizer` (a run started over).
+  """
   if jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, checkpoint.MODEL_CONFIG), "w") as f:
     json.dump(model_cfg.to_hf_dict(), f, indent=2)
   tok_dir = os.path.join(workdir, checkpoint.TOKENIZER)
-  if not os.path.isdir(tok_dir):
-    tokenizer.save_pretrained(tok_dir)
+  if not os.path.isdir(tok_dir) or _saved_tokenizer_hash(tok_dir) != provenance.tokenizer_hash(
+      tokenizer):
+    tmp = tok_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(tok_dir, ignore_errors=True)
+    os.rename(tmp, tok_dir)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
+
+
+def _saved_tokenizer_hash(tok_dir):
+  try:
+    return provenance.tokenizer_hash(tokens.load_tokenizer(tok_dir))
+  except Exception:  # noqa: BLE001 - an unreadable tokenizer/ is rewritten
+    return None
 
 
 def open_checkpointer(config, workdir):
@@ -68,12 +127,24 @@ def open_checkpointer(config, workdir):
   ck = config.checkpoint
   return checkpoint.Checkpointer(
       os.path.join(workdir, checkpoint.CHECKPOINTS), save_every=ck.save_every,
-      keep=ck.keep, async_save=ck.async_save)
+      keep=ck.keep, async_save=ck.async_save, verify=ck.get("verify", True))
 
 
-def restore_or_init(ckpt, abstract_state, fingerprint, init_fn):
-  """(state, saved data position) of the latest checkpoint, else (init_fn(), None)."""
-  restored = ckpt.restore_latest(abstract_state, fingerprint)
+def restore_or_init(ckpt, abstract_state, fingerprint, init_fn, *, overwrite=False):
+  """(state, saved data position) of the latest checkpoint, else (init_fn(), None).
+
+  A checkpoint written from other inputs raises IncompatibleCheckpoint, unless
+  `overwrite`: then every checkpoint of the old run is deleted (with a notice).
+  """
+  try:
+    restored = ckpt.restore_latest(abstract_state, fingerprint)
+  except checkpoint.IncompatibleCheckpoint as e:
+    if not overwrite:
+      raise
+    if jax.process_index() == 0:
+      print(f"overwrite: discarding the checkpoints of {ckpt.directory}: {e}", flush=True)
+    ckpt.discard_all()
+    restored = None
   if restored is not None:
     return restored
   return init_fn(), None
@@ -153,8 +224,9 @@ class Books:
   """Metric writers, progress bar and preemption watch of one training call."""
 
   def __init__(self, workdir, log_cfg, total, initial, desc, run_config=None):
+    # Rows past the restored step came from the interrupted run: dropped.
     self.writer = metrics_log.MetricWriter(
-        workdir, tensorboard=bool(log_cfg.tensorboard),
+        workdir, tensorboard=bool(log_cfg.tensorboard), resume_step=int(initial),
         wandb_project=str(log_cfg.get("wandb_project", "")),
         wandb_mode=str(log_cfg.get("wandb_mode", "online")),
         wandb_config=None if run_config is None else run_config.to_dict())

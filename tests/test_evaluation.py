@@ -14,6 +14,7 @@ from configs import demo as demo_config
 from safecrs_jax import assets
 from safecrs_jax import demo
 from safecrs_jax import evaluation
+from safecrs_jax import policy
 from safecrs_jax import saferec
 
 
@@ -38,8 +39,9 @@ def setup(tmp_path_factory):
 
 
 def _read_jsonl(path):
+  """The records of a JSON-lines file (the header line of raw generations left out)."""
   with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f]
+    return [r for r in map(json.loads, f) if "header" not in r]
 
 
 def test_metrics_match_hand_computation_from_saved_generations(setup):
@@ -71,7 +73,10 @@ def test_metrics_match_hand_computation_from_saved_generations(setup):
   prompts, row_to_prompt = evaluation.unique_prompts(rows)
   out = root / "hand" / "test" / "base"
   out.mkdir(parents=True)
+  tok = policy.load_policy(config, base).tokenizer
+  header = evaluation.generation_header(config, evaluation.resolve_targets(base)[0], rows, tok)
   with open(out / evaluation.RAW, "w", encoding="utf-8") as f:
+    f.write(json.dumps({"header": header}) + "\n")   # made for this model, rows and settings
     for pid in range(len(prompts)):
       row = row_to_prompt.index(pid)
       f.write(json.dumps({"prompt_id": pid, "text": texts.get(row, "no idea"),

@@ -69,15 +69,16 @@ def test_corrupt_rows_strict_and_lenient(tmp_path):
     rows.append(bad)
   path = tmp_path / "train.jsonl"
   path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
-  with pytest.raises(saferec.SafeRecDataError, match=r"train.jsonl row 1 field 'seen_titles'"):
+  with pytest.raises(saferec.SafeRecDataError, match=r"train.jsonl row 1 \(line 2\) field 'seen_titles'"):
     saferec.load_split(str(tmp_path), "train")
   ok, rep = saferec.load_split(str(tmp_path), "train", strict=False, return_report=True)
   assert [r["source"] for r in ok] == ["reddit-0", "reddit-2", "reddit-5"]
   assert rep["rows_read"] == 8 and rep["rows_ok"] == 3 and rep["rows_skipped"] == 5
   joined = "\n".join(rep["errors"])
-  for expect in ("row 1 field 'seen_titles'", "row 3 field \"constraints['Anti-gore / squeamish']\"",
-                 "row 4 field 'groundtruth_with_release_year[0]'", "row 6 field 'prompt': missing",
-                 "row 7 (line 8): not valid JSON"):
+  for expect in ("row 1 (line 2) field 'seen_titles'",
+                 "row 3 (line 4) field \"constraints['Anti-gore / squeamish']\"",
+                 "row 4 (line 5) field 'groundtruth_with_release_year[0]'",
+                 "row 6 (line 7) field 'prompt': missing", "row 7 (line 8): not valid JSON"):
     assert expect in joined, (expect, joined)
 
 

@@ -24,12 +24,14 @@ from safecrs_jax.evaluation.runner import (
     compare,
     evaluate,
     evaluate_target,
+    generation_header,
     load_eval_data,
     resolve_targets,
 )
 
 __all__ = [
     "GENERATIONS", "HEADLINE", "RAW", "REPORT", "Target", "compare", "comparison_table",
-    "dataset_fingerprint", "evaluate", "evaluate_target", "generate_texts", "load_eval_data",
-    "plot_metrics", "plot_models", "resolve_targets", "score", "unique_prompts", "write_run_summary",
+    "dataset_fingerprint", "evaluate", "evaluate_target", "generate_texts", "generation_header",
+    "load_eval_data", "plot_metrics", "plot_models", "resolve_targets", "score", "unique_prompts",
+    "write_run_summary",
 ]

@@ -2,10 +2,15 @@
 
     done = generate_texts(model_cfg, params, tokenizer, prompts, sampling=..., raw_path=...)
 
-`raw_generations.jsonl` holds one line per distinct prompt (prompt_id, text,
-num_tokens, stopped, prompt_truncated), appended after every batch; an
-interrupted evaluation resumes from it and finished batches are never
-generated again. Batches have a fixed composition (prompts sorted by token
+`raw_generations.jsonl` starts with a header line {"header": {...}} — the
+checkpoint's identity, the dataset fingerprint, the tokenizer and every
+generation setting (runner.generation_header) — then holds one line per
+distinct prompt (prompt_id, text, num_tokens, stopped, prompt_truncated),
+appended after every batch; an interrupted evaluation resumes from it and
+finished batches are never generated again. A file whose header differs from
+the current one (another model, other settings, other rows) is derived data
+from other inputs: it is discarded, with one line saying why, and generated
+anew. Batches have a fixed composition (prompts sorted by token
 length, then cut in chunks of batch_size), so a resumed run reproduces the
 uninterrupted one exactly.
 """
@@ -15,7 +20,7 @@ import os
 import jax
 import numpy as np
 
-from safecrs_jax import metrics_log, rollout, tokens
+from safecrs_jax import metrics_log, provenance, rollout, tokens
 
 
 def _prompt_key(prompt):
@@ -35,18 +40,47 @@ def unique_prompts(rows):
 
 
 def _read_raw(path):
-  """Finished generations {prompt_id: record}; a torn last line (crash) is ignored."""
-  done = {}
+  """(header, finished generations {prompt_id: record}); a torn last line (crash) is ignored."""
+  header, done = None, {}
   if not os.path.exists(path):
-    return done
-  with open(path, encoding="utf-8") as f:
-    for line in f:
+    return header, done
+  with open(path, encoding="utf-8", errors="replace") as f:
+    for n, line in enumerate(f):
       try:
         rec = json.loads(line)
       except ValueError:
         break  # the line being written when the process died
+      if n == 0 and "header" in rec:
+        header = rec["header"]
+        continue
       done[int(rec["prompt_id"])] = rec
+  return header, done
+
+
+def _check_header(path, header, recorded, done):
+  """The reusable generations: `done` when the file's header matches, else {} (file reset)."""
+  if header is None:
+    return done
+  if os.path.exists(path) and (recorded is None or provenance.first_difference(
+      json.loads(json.dumps(recorded)), json.loads(json.dumps(header)))):
+    if recorded is None:
+      why = "it has no header"
+    else:
+      field, was, now = provenance.first_difference(
+          json.loads(json.dumps(recorded)), json.loads(json.dumps(header)))
+      why = f"{field} was {json.dumps(was, default=str)[:80]}, now {json.dumps(now)[:80]}"
+    if jax.process_index() == 0:
+      print(f"eval: regenerating {path}: {why}", flush=True)
+      os.remove(path)
+    return {}
   return done
+
+
+def write_header(path, header):
+  """Starts a raw generations file with its header line (process 0)."""
+  if jax.process_index() == 0:
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(json.dumps({"header": header}, ensure_ascii=False, default=str) + "\n")
 
 
 def _batch_plan(lengths, batch_size):
@@ -57,20 +91,23 @@ def _batch_plan(lengths, batch_size):
 
 def generate_texts(model_cfg, params, tokenizer, prompts, *, sampling, batch_size,
                    max_prompt_length, buckets, raw_path, mesh=None, rules=None,
-                   progress=True, desc="eval", max_batches=None):
+                   progress=True, desc="eval", max_batches=None, header=None):
   """Greedy (or `sampling`) completions for every prompt, appended to raw_path.
 
-  Returns the list of texts (index = prompt id). Prompts already in raw_path
-  are not generated again. `max_batches` stops after that many new batches
-  (used to simulate an interruption).
+  Returns {prompt id: record}. Prompts already in raw_path are not generated
+  again when its header equals `header` (module docstring). `max_batches`
+  stops after that many new batches (used to simulate an interruption).
   """
-  done = _read_raw(raw_path)
+  recorded, done = _read_raw(raw_path)
+  done = _check_header(raw_path, header, recorded, done)
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(raw_path)), exist_ok=True)
+    if not os.path.exists(raw_path) and header is not None:
+      write_header(raw_path, header)
     with open(raw_path, "a", encoding="utf-8"):
       pass
   # Drop a torn tail so that appends start on a fresh line.
-  _rewrite_clean(raw_path, done)
+  _rewrite_clean(raw_path, done, header)
   lengths = [len(tokens.prompt_ids(tokenizer, p)) for p in prompts]
   plan = [b for b in _batch_plan(lengths, batch_size) if not all(i in done for i in b)]
   bar = metrics_log.Progress(len(plan), desc=desc, enabled=progress)
@@ -104,13 +141,15 @@ def generate_texts(model_cfg, params, tokenizer, prompts, *, sampling, batch_siz
   return done
 
 
-def _rewrite_clean(path, done):
+def _rewrite_clean(path, done, header):
   if jax.process_index() != 0 or not os.path.exists(path):
     return
-  with open(path, encoding="utf-8") as f:
+  with open(path, encoding="utf-8", errors="replace") as f:
     content = f.read()
   if content and not content.endswith("\n"):
-    with open(path, "w", encoding="utf-8") as f:
+    if header is not None:
+      write_header(path, header)
+    with open(path, "a" if header is not None else "w", encoding="utf-8") as f:
       f.write("".join(json.dumps(done[k], ensure_ascii=False) + "\n" for k in done))
 
 

@@ -15,6 +15,13 @@ or only `steps` when given). For each checkpoint the output folder
 and for several steps of one run, `<workdir>/<split>/` also gets metrics.csv,
 plots/<metric>.png (metric against step) and comparison.md. Generation is
 greedy, as in the paper; identical prompts are generated once.
+
+Resume is checked: raw_generations.jsonl is reused only when its header
+(`generation_header`: checkpoint identity, dataset fingerprint, tokenizer,
+generation settings, software) matches; otherwise it is regenerated. A
+damaged checkpoint step is an error naming it (never skipped), an empty split
+is an error naming the split and the data directory, and <workdir> is locked
+(run_lock) while evaluating.
 """
 import dataclasses
 import json
@@ -24,7 +31,7 @@ import time
 import jax
 import numpy as np
 
-from safecrs_jax import assets, checkpoint, policy, rollout, saferec, tokens
+from safecrs_jax import assets, checkpoint, policy, provenance, rollout, run_lock, saferec, tokens
 from safecrs_jax import sharding as shd
 from safecrs_jax.evaluation import generate as gen
 from safecrs_jax.evaluation import report as rep
@@ -63,6 +70,8 @@ def resolve_targets(path, steps=None):
     if missing:
       raise FileNotFoundError(f"steps {missing} not saved under {ckdir} (saved: {saved})")
     saved = want
+  for s in saved:
+    checkpoint.check_step(os.path.join(ckdir, str(s)), verify=False)
   return [Target(f"step_{s}", os.path.join(ckdir, str(s)), "orbax", s) for s in saved]
 
 
@@ -71,6 +80,20 @@ def _sampling(config, tokenizer):
   return rollout.SamplingConfig(
       max_new_tokens=int(ev.max_new_tokens), greedy=True,
       stop_ids=tuple(tokens.stop_token_ids(tokenizer)), pad_id=tokens.pad_id(tokenizer))
+
+
+def generation_header(config, target, rows, tokenizer, batch_size=None):
+  """What raw_generations.jsonl of `target` on `rows` depends on (generate.py docstring)."""
+  ev = config.eval
+  return {"checkpoint": policy.source_identity(config, target.path),
+          "dataset": rep.dataset_fingerprint(rows),
+          "tokenizer": provenance.tokenizer_hash(tokenizer),
+          "generation": dict(dataclasses.asdict(_sampling(config, tokenizer)),
+                             batch_size=int(batch_size or ev.batch_size),
+                             max_prompt_length=int(ev.max_prompt_length),
+                             prompt_buckets=list(ev.prompt_buckets),
+                             dtype=config.model.dtype, param_dtype=config.model.param_dtype),
+          "software": provenance.software_version()}
 
 
 def _generation_stats(done, num_prompts, t0):
@@ -105,12 +128,14 @@ def evaluate_target(config, target, rows, oracle, catalog, out_dir, *, mesh=None
   batch_size = -(-int(ev.batch_size) // dp) * dp
   sampling = _sampling(config, pol.tokenizer)
   prompts, row_to_prompt = gen.unique_prompts(rows)
+  header = generation_header(config, target, rows, pol.tokenizer, batch_size)
   t0 = time.time()
   done = gen.generate_texts(
       pol.model_cfg, pol.params, pol.tokenizer, prompts, sampling=sampling,
       batch_size=batch_size, max_prompt_length=int(ev.max_prompt_length),
       buckets=tuple(ev.prompt_buckets), raw_path=os.path.join(out_dir, RAW), mesh=mesh,
-      rules=rules, progress=progress, desc=f"eval {target.name}", max_batches=max_batches)
+      rules=rules, progress=progress, desc=f"eval {target.name}", max_batches=max_batches,
+      header=header)
   if len(done) < len(prompts):
     return None  # interrupted on purpose (max_batches)
   stats = _generation_stats(done, len(prompts), t0)
@@ -124,6 +149,7 @@ def evaluate_target(config, target, rows, oracle, catalog, out_dir, *, mesh=None
                      "step": target.step},
       "split": ev.split,
       "dataset_fingerprint": rep.dataset_fingerprint(rows),
+      "provenance": header,
       "metrics": metrics,
       "generation": stats,
       "sampling": dataclasses.asdict(sampling),
@@ -138,6 +164,9 @@ def load_eval_data(config, split=None):
   data_dir = assets.resolve_data_dir(config)
   split = split or config.eval.split
   rows = saferec.load_split(data_dir, split, stage="sft", strict=config.data.get("strict", True))
+  if not rows:
+    raise saferec.SafeRecDataError(f"split {split!r} of {data_dir} has no rows: nothing to "
+                                   "evaluate")
   if int(config.eval.get("max_rows", -1)) > 0:
     rows = rows[:int(config.eval.max_rows)]
   oracle = saferec.load_oracle(data_dir, risk_threshold=float(config.data.risk_threshold))
@@ -151,6 +180,11 @@ def load_eval_data(config, split=None):
 def evaluate(config, checkpoint_path, *, split=None, workdir, steps=None, mesh=None, rules=None,
              progress=True):
   """Evaluates every checkpoint named by `checkpoint_path`; returns their reports."""
+  with run_lock.hold(workdir):
+    return _evaluate(config, checkpoint_path, split, workdir, steps, mesh, rules, progress)
+
+
+def _evaluate(config, checkpoint_path, split, workdir, steps, mesh, rules, progress):
   if mesh is None:
     mesh, rules = shd.mesh_from_config(config)
   split = split or config.eval.split

@@ -24,9 +24,11 @@ Rows are validated and normalised:
                                  writes absent struct keys, are dropped;
                                  trait names must be known)
 Every extra field (e.g. `num_gt_removed`, `removed_groundtruth`, `genre`) is
-kept unchanged. A missing or mistyped field is a
-`SafeRecDataError` naming the file, row index and field; with strict=False
-such rows are skipped, counted and logged (nothing is dropped silently).
+kept unchanged. A missing or mistyped field, a line that is not JSON or not
+UTF-8, is a `SafeRecDataError` naming the file, row index, line number (JSON
+lines: 1-based, blank lines counted) and field; with strict=False such rows
+are skipped, counted and logged with the first five errors (nothing is dropped
+silently).
 """
 from __future__ import annotations
 
@@ -165,29 +167,58 @@ def find_split(data_dir: str, split: str, stage: str = "sft") -> str:
   raise FileNotFoundError(f"no {stage} split {split!r} under {data_dir}; tried:\n  " + "\n  ".join(tried))
 
 
-def read_raw_rows(path: str) -> list:
-  """Rows of a split as stored (datasets directory or JSON lines), before validation."""
+def read_raw_rows(path: str, line_numbers: bool = False):
+  """Rows of a split as stored (datasets directory or JSON lines), before validation.
+
+  line_numbers: also return each row's 1-based line in a JSON-lines file
+  (None for a datasets directory). A line that is not UTF-8 / JSON becomes a
+  bad-line marker that load_split reports.
+  """
   if os.path.isdir(path):
     import datasets  # heavy: only for released-format directories
     ds = datasets.load_from_disk(path)
     if isinstance(ds, datasets.DatasetDict):
       raise SafeRecDataError(f"{path}: holds several splits {list(ds)}; point at one split directory")
-    return ds.to_list()
-  rows = []
-  with open(path, encoding="utf-8") as f:
-    for i, line in enumerate(f):
-      if not line.strip():
+    rows = ds.to_list()
+    return (rows, [None] * len(rows)) if line_numbers else rows
+  rows, lines = [], []
+  with open(path, "rb") as f:
+    for i, raw in enumerate(f):
+      if not raw.strip():
         continue
+      lines.append(i + 1)
       try:
-        rows.append(json.loads(line))
+        rows.append(json.loads(raw.decode("utf-8")))
+      except UnicodeDecodeError as e:
+        rows.append(_BadLine(i + 1, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                    f"{e.start + 1})", _replaced_field(raw)))
       except json.JSONDecodeError as e:
-        rows.append(_BadLine(i + 1, str(e)))
-  return rows
+        rows.append(_BadLine(i + 1, f"not valid JSON ({e})"))
+  return (rows, lines) if line_numbers else rows
+
+
+def _replaced_field(raw: bytes):
+  """The field holding an undecodable byte (decoded with U+FFFD), when the line parses."""
+  try:
+    obj = json.loads(raw.decode("utf-8", errors="replace"))
+  except ValueError:
+    return None
+  def find(node, path):
+    if isinstance(node, str):
+      return path if "\ufffd" in node else None
+    items = node.items() if isinstance(node, dict) else enumerate(node) \
+        if isinstance(node, list) else ()
+    for k, v in items:
+      hit = find(v, f"{path}[{k!r}]" if path else str(k))
+      if hit:
+        return hit
+    return None
+  return find(obj, "")
 
 
 class _BadLine:
-  def __init__(self, line: int, error: str):
-    self.line, self.error = line, error
+  def __init__(self, line: int, error: str, field=None):
+    self.line, self.error, self.field = line, error, field
 
 
 def load_split(data_dir: str, split: str, stage: str = "sft", strict: bool = True,
@@ -205,13 +236,14 @@ def load_split(data_dir: str, split: str, stage: str = "sft", strict: bool = Tru
     traits: allowed constraint names (None: any).
   """
   path = find_split(data_dir, split, stage)
-  raw_rows = read_raw_rows(path)
+  raw_rows, lines = read_raw_rows(path, line_numbers=True)
   rows, errors = [], []
-  for i, raw in enumerate(raw_rows):
-    where = f"{path} row {i}"
+  for i, (raw, line) in enumerate(zip(raw_rows, lines)):
+    where = f"{path} row {i}" + (f" (line {line})" if line else "")
     try:
       if isinstance(raw, _BadLine):
-        raise SafeRecDataError(f"{where} (line {raw.line}): not valid JSON ({raw.error})")
+        field = f" field {raw.field!r}" if raw.field else ""
+        raise SafeRecDataError(f"{where}{field}: {raw.error}")
       rows.append(normalize_row(raw, where, stage, traits))
     except SafeRecDataError as e:
       if strict:
@@ -220,8 +252,8 @@ def load_split(data_dir: str, split: str, stage: str = "sft", strict: bool = Tru
   report = {"path": path, "rows_read": len(raw_rows), "rows_ok": len(rows),
             "rows_skipped": len(errors), "errors": errors[:20]}
   if errors:
-    log.warning("load_split: skipped %d of %d rows in %s; first: %s",
-                len(errors), len(raw_rows), path, errors[0])
+    log.warning("load_split: skipped %d of %d rows in %s; first errors:\n  %s",
+                len(errors), len(raw_rows), path, "\n  ".join(errors[:5]))
   return (rows, report) if return_report else rows
 
 
