@@ -10,7 +10,8 @@ SVR@10 below Safe-SFT without Recall@10 collapsing. Re-running the command
 in the same workdir resumes (finished stages are skipped). Re-running with
 other settings stops with one line naming the stage and what differs (nothing
 trained from an older Safe-SFT step is reused); add --overwrite to retrain the
-stages whose inputs changed. Exit codes: 0 done, 1 error (or --check failed), 143 preempted (rerun to resume).
+stages whose inputs changed. Exit codes: 0 done, 1 error (or --check failed),
+143 preempted (rerun to resume).
 """
 import sys
 

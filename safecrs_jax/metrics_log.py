@@ -130,7 +130,8 @@ class MetricWriter:
       return
     self._writers.append(JsonlWriter(os.path.join(workdir, jsonl_name), resume_step))
     if tensorboard:
-      purge = None if resume_step is None else int(resume_step) + 1
+      # a fresh start hides every old event; a resume those after the restored step
+      purge = None if resume_step is None else (int(resume_step) + 1 if resume_step else 0)
       self._writers.append(TensorBoardWriter(os.path.join(workdir, "tb"), purge))
     if wandb_project:
       self._writers.append(WandbWriter(workdir, project=wandb_project, mode=wandb_mode,

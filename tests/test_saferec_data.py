@@ -69,7 +69,8 @@ def test_corrupt_rows_strict_and_lenient(tmp_path):
     rows.append(bad)
   path = tmp_path / "train.jsonl"
   path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
-  with pytest.raises(saferec.SafeRecDataError, match=r"train.jsonl row 1 \(line 2\) field 'seen_titles'"):
+  with pytest.raises(saferec.SafeRecDataError,
+                     match=r"train.jsonl row 1 \(line 2\) field 'seen_titles'"):
     saferec.load_split(str(tmp_path), "train")
   ok, rep = saferec.load_split(str(tmp_path), "train", strict=False, return_report=True)
   assert [r["source"] for r in ok] == ["reddit-0", "reddit-2", "reddit-5"]
