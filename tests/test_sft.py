@@ -266,8 +266,8 @@ def test_lora_run_from_hf_dir_saves_adapters_and_loads_merged(cache, tmp_path):
   assert set(state.lora["layers"]["self_attn"]) == {"q_proj"}
   assert checkpoint.saved_lora_info(str(tmp_path / "lora"))["rank"] == 4
   _, merged = policy.load_params(str(tmp_path / "lora"))
-  want = lora.merge(state.params, state.lora, 16.0 / 4)
+  want = lora.merge(state.params, state.lora, 32.0 / 4)     # alpha 32 (the reference default)
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6), merged, want)
   _, base2, adapters, scale = policy.load_params(str(tmp_path / "lora"), merge_lora=False)
-  assert scale == 4.0
+  assert scale == 8.0
   jax.tree.map(np.testing.assert_array_equal, base2, state.params)
