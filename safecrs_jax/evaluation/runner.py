@@ -184,13 +184,18 @@ def evaluate(config, checkpoint_path, *, split=None, workdir, steps=None, mesh=N
     return _evaluate(config, checkpoint_path, split, workdir, steps, mesh, rules, progress)
 
 
-def _evaluate(config, checkpoint_path, split, workdir, steps, mesh, rules, progress):
+def _setup(config, split, mesh, rules):
+  """(mesh, rules, split, rows, oracle, catalog) of an evaluation call; sets config.eval.split."""
   if mesh is None:
     mesh, rules = shd.mesh_from_config(config)
   split = split or config.eval.split
   with config.unlocked():
     config.eval.split = split
-  rows, oracle, catalog = load_eval_data(config, split)
+  return (mesh, rules, split) + tuple(load_eval_data(config, split))
+
+
+def _evaluate(config, checkpoint_path, split, workdir, steps, mesh, rules, progress):
+  mesh, rules, split, rows, oracle, catalog = _setup(config, split, mesh, rules)
   targets = resolve_targets(checkpoint_path, steps)
   base = os.path.join(workdir, split)
   reports = []
@@ -212,12 +217,12 @@ def compare(config, named_paths, *, workdir, split=None, mesh=None, rules=None, 
   comparison goes to <workdir>/<split>/comparison.md and models.png (one bar
   per run and headline metric). Returns {name: report}.
   """
-  if mesh is None:
-    mesh, rules = shd.mesh_from_config(config)
-  split = split or config.eval.split
-  with config.unlocked():
-    config.eval.split = split
-  rows, oracle, catalog = load_eval_data(config, split)
+  with run_lock.hold(workdir):
+    return _compare(config, named_paths, workdir, split, mesh, rules, progress)
+
+
+def _compare(config, named_paths, workdir, split, mesh, rules, progress):
+  mesh, rules, split, rows, oracle, catalog = _setup(config, split, mesh, rules)
   reports = {}
   for name, path in named_paths.items():
     target = resolve_targets(path)[-1]
