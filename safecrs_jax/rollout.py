@@ -5,9 +5,11 @@ Shape legend:
   P  prompt length (left-padded); T  max new tokens; V  vocab
 
 One compiled program per (model config, sampling config, B, P): the prompts are
-prefilled into a cache of P + T slots, then a `lax.while_loop` emits one token
-per iteration for every row and stops early once every row has emitted a stop
-token (or after T tokens).
+prefilled into a KV cache, then `lax.while_loop`s emit one token per iteration
+for every row and stop early once every row has emitted a stop token (or after
+T tokens). The loop runs in `segments` parts whose caches hold only the slots
+reached so far (P + the segment's last token), grown between parts: a decode
+step's attention reads cost grows with the slots it attends.
 
 Log-probs and temperature. The policy being optimised is the *tempered* model,
 pi(y) = softmax(logits / temperature), and that is what `logprobs` holds for
@@ -42,11 +44,14 @@ class SamplingConfig:
   greedy: bool = False            # argmax decoding (also when temperature == 0)
   stop_ids: tuple = ()            # a row stops after emitting any of these (EOS, end-of-turn)
   pad_id: int = 0                 # written after a row stopped
+  segments: int = 4               # decode loop segments, each attending only the slots used
+                                  # so far (1 = every step reads all P + T cache slots)
 
   def __post_init__(self):
     object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
-    if self.max_new_tokens < 1 or self.num_samples < 1:
-      raise ValueError(f"SamplingConfig: max_new_tokens and num_samples must be >= 1, got {self}")
+    if self.max_new_tokens < 1 or self.num_samples < 1 or self.segments < 1:
+      raise ValueError("SamplingConfig: max_new_tokens, num_samples and segments must be >= 1, "
+                       f"got {self}")
     if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
       raise ValueError(f"SamplingConfig: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {self}")
 
@@ -134,23 +139,25 @@ def _prefill(model_cfg, params, prompt_ids, prompt_mask, cfg, mesh, rules):
                                         rules=rules, last_only=True)
   last = jnp.repeat(logits[:, -1].astype(jnp.float32), g, axis=0)             # [N, V]
   pos = jnp.repeat(jnp.sum(mask, axis=1, dtype=jnp.int32), g, axis=0)          # [N]
-  cache = decode.from_prefill(model_cfg, cache, p + cfg.max_new_tokens, g, mesh, rules)
+  cache = decode.from_prefill(model_cfg, cache, p + segment_ends(cfg)[0], g, mesh, rules)
   return _constrain_batch(last, mesh), _constrain_batch(pos, mesh), cache
 
 
-@functools.partial(jax.jit, static_argnames=("model_cfg", "cfg", "mesh", "rules", "placement"))
-def _generate(model_cfg, params, prompt_ids, prompt_mask, rng, cfg, mesh, rules, placement):
-  # Weights: cast to the compute dtype and placed for decoding once, before the prefill.
-  params = decode.place(model_cfg, params, mesh, rules, placement)
-  last, pos, cache = _prefill(model_cfg, params, prompt_ids, prompt_mask, cfg, mesh, rules)
-  tensor = 1 if mesh is None else mesh.shape.get("tensor", 1)
-  weights = decode.layout(model_cfg, params, fuse=model_cfg.fuse_projections and tensor == 1)
-  n, t_max = last.shape[0], cfg.max_new_tokens
-  stop = jnp.asarray(cfg.stop_ids or (-1,), jnp.int32)
+def segment_ends(cfg: SamplingConfig) -> tuple:
+  """Token counts at which the decode segments end: cfg.segments near-equal parts of T."""
+  t, n = cfg.max_new_tokens, min(cfg.segments, cfg.max_new_tokens)
+  return tuple(sorted({-(-t * (i + 1) // n) for i in range(n)}))
 
-  def cond(state):
-    t, _, _, _, done, *_ = state
-    return (t < t_max) & ~jnp.all(done)
+
+def _decode(model_cfg, weights, rng, cfg, mesh, rules, pos, state):
+  """Runs the decode loop in segments; segment j's cache holds P + ends[j] slots.
+
+  Attention cost per step grows with the cache slots it reads, so the early
+  steps do not pay for slots no token has reached yet; between segments the
+  cache is padded once (decode.grow). Masked slots add exact zeros, so the
+  result equals one loop over all P + T slots up to float summation order.
+  """
+  stop = jnp.asarray(cfg.stop_ids or (-1,), jnp.int32)
 
   def body(state):
     t, cache, last, out, done, lps, slps = state
@@ -164,11 +171,30 @@ def _generate(model_cfg, params, prompt_ids, prompt_mask, rng, cfg, mesh, rules,
     logits, cache = decode.step(model_cfg, weights, tok, pos + t, cache, mesh, rules)
     return t + 1, cache, _constrain_batch(logits.astype(jnp.float32), mesh), out, done, lps, slps
 
+  ends = segment_ends(cfg)
+  p = state[1]["mask"].shape[1] - ends[0]
+  for j, end in enumerate(ends):
+    if j:
+      state = (state[0], decode.grow(state[1], p + end, mesh, rules)) + state[2:]
+    cond = lambda s, end=end: (s[0] < end) & ~jnp.all(s[4])             # noqa: E731
+    state = jax.lax.while_loop(cond, body, state)
+  return state
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "cfg", "mesh", "rules", "placement"))
+def _generate(model_cfg, params, prompt_ids, prompt_mask, rng, cfg, mesh, rules, placement):
+  # Weights: cast to the compute dtype and placed for decoding once, before the prefill.
+  params = decode.place(model_cfg, params, mesh, rules, placement)
+  last, pos, cache = _prefill(model_cfg, params, prompt_ids, prompt_mask, cfg, mesh, rules)
+  tensor = 1 if mesh is None else mesh.shape.get("tensor", 1)
+  weights = decode.layout(model_cfg, params, fuse=model_cfg.fuse_projections and tensor == 1)
+  n, t_max = last.shape[0], cfg.max_new_tokens
+  stop = jnp.asarray(cfg.stop_ids or (-1,), jnp.int32)
   zeros_f = _constrain_batch(jnp.zeros((n, t_max), jnp.float32), mesh)
   state = (jnp.int32(0), cache, last,
            _constrain_batch(jnp.full((n, t_max), cfg.pad_id, jnp.int32), mesh),
            _constrain_batch(jnp.zeros((n,), bool), mesh), zeros_f, zeros_f)
-  _, _, _, out, _, lps, slps = jax.lax.while_loop(cond, body, state)
+  _, _, _, out, _, lps, slps = _decode(model_cfg, weights, rng, cfg, mesh, rules, pos, state)
   # mask: positions up to and including the first stop token (all T if none).
   is_stop = jnp.isin(out, stop)
   after_stop = jnp.cumsum(is_stop, axis=1) - is_stop                     # stops strictly before

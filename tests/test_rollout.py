@@ -106,6 +106,30 @@ def test_top_k_top_p_respected(setup):
   assert set(np.unique(np.asarray(draws))) == {1, 3}
 
 
+def test_segmented_decode_equals_full_cache_decode(setup):
+  """Segments attending only the slots used so far == one loop over all P + T slots:
+  same greedy and sampled tokens (fixed key, with stops), same log-probs; each segment's
+  while loop carries a cache of P + its last token's slots."""
+  params, ids, mask = setup
+  t = 7
+  assert rollout.segment_ends(rollout.SamplingConfig(max_new_tokens=t, segments=3)) == (3, 5, 7)
+  assert rollout.segment_ends(rollout.SamplingConfig(max_new_tokens=2, segments=4)) == (1, 2)
+  for kw in (dict(greedy=True), dict(num_samples=4, temperature=1.0, stop_ids=(7, 9))):
+    full = rollout.SamplingConfig(max_new_tokens=t, segments=1, **kw)
+    seg = dataclasses.replace(full, segments=3)
+    want = rollout.generate(CFG, params, ids, mask, jax.random.key(6), full)
+    got = rollout.generate(CFG, params, ids, mask, jax.random.key(6), seg)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.mask, want.mask)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+    np.testing.assert_allclose(got.sampled_logprobs, want.sampled_logprobs, atol=1e-5)
+  text = jax.jit(rollout.generate, static_argnums=(0, 5)).lower(
+      CFG, params, ids, mask, jax.random.key(6), seg).compile().as_text()
+  n, kh, hd, p = 12, CFG.num_kv_heads, CFG.head_dim, ids.shape[1]
+  for end in (3, 5, 7):
+    assert f"f32[{n},{kh},{p + end},{hd}]" in text, end
+
+
 def test_sharded_rollout_equals_single_device(setup):
   params, ids, mask = setup
   mesh = shd.make_mesh((("data", 2), ("fsdp", 4), ("tensor", 1)), devices=jax.devices())

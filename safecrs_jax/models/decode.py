@@ -137,18 +137,32 @@ def from_prefill(cfg: ModelConfig, cache, max_len: int, repeats: int, mesh=None,
   is repeated `repeats` times (consecutive rows); slots [P, max_len) start empty.
   Returns {"k", "v": L-tuples of [N,K,S,H], "mask" [N,S] bool, "index" [] int32}.
   """
-  p = cache["mask"].shape[1]
-  pad = max_len - p
+  def per_layer(x):                                                   # [B,P,K,H]
+    return jnp.repeat(x.transpose(0, 2, 1, 3), repeats, axis=0)      # [N,K,P,H]
+
+  dec = {"k": tuple(per_layer(cache["k"][i]) for i in range(cfg.num_layers)),
+         "v": tuple(per_layer(cache["v"][i]) for i in range(cfg.num_layers)),
+         "mask": jnp.repeat(cache["mask"], repeats, axis=0), "index": cache["index"]}
+  return grow(dec, max_len, mesh, rules)
+
+
+def grow(cache, max_len: int, mesh=None, rules=None):
+  """A decode cache of S slots -> the same cache with max_len >= S slots (new ones empty).
+
+  The decode loop runs in segments whose caches hold only the slots used so far
+  (rollout.py), so attention reads [N,K,S,H] with S the segment's window, not P + T.
+  """
+  pad = max_len - cache["mask"].shape[1]
+  if pad < 0:
+    raise ValueError(f"grow: cache has {cache['mask'].shape[1]} slots > max_len={max_len}")
   names = ("cache_batch", "cache_kv_heads", "cache_length", "head_dim")
 
-  def per_layer(x):                                                   # [B,P,K,H]
-    x = jnp.repeat(x.transpose(0, 2, 1, 3), repeats, axis=0)          # [N,K,P,H]
-    x = jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0)))                # [N,K,S,H]
+  def per_layer(x):                                                   # [N,K,S,H]
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) if pad else x
     return shd.constrain(x, names, mesh, rules)
 
-  mask = jnp.pad(jnp.repeat(cache["mask"], repeats, axis=0), ((0, 0), (0, pad)))
-  return {"k": tuple(per_layer(cache["k"][i]) for i in range(cfg.num_layers)),
-          "v": tuple(per_layer(cache["v"][i]) for i in range(cfg.num_layers)),
+  mask = jnp.pad(cache["mask"], ((0, 0), (0, pad)))
+  return {"k": tuple(map(per_layer, cache["k"])), "v": tuple(map(per_layer, cache["v"])),
           "mask": shd.constrain(mask, ("cache_batch", "cache_length"), mesh, rules),
           "index": cache["index"]}
 
