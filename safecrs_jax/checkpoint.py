@@ -241,6 +241,8 @@ class Checkpointer:
 
   def _refuse_stray_contents(self):
     """Entries that look like checkpoints but are not recognised: refuse to start over."""
+    if not storage.isdir(self.directory):   # an object store may not show an empty "dir"
+      return
     stray = [n for n in storage.listdir(self.directory)
              if not n.startswith(".") and "tmp" not in n]
     if stray:
@@ -252,7 +254,7 @@ class Checkpointer:
     """Deletes every step (process 0) and reopens the manager: the run starts over."""
     self._mngr.wait_until_finished()
     self._unsealed = []
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and storage.isdir(self.directory):
       for name in storage.listdir(self.directory):
         path = os.path.join(self.directory, name)
         if storage.isdir(path):

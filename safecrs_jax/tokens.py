@@ -22,7 +22,6 @@ Rows longer than `max_length` are truncated by `encode_sft(truncation=...)`:
 Both count rows whose prompt lost tokens and rows whose completion was cut.
 """
 import dataclasses
-import os
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers

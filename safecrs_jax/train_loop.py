@@ -24,6 +24,7 @@ the restored step are dropped and TensorBoard purges those steps.
 import json
 import os
 import signal
+import tempfile
 import threading
 
 import jax
@@ -202,11 +203,14 @@ class Profile:
   def __init__(self, workdir, steps):
     self.start, self.stop_at = (int(s) for s in steps)
     self.logdir = os.path.join(workdir, "profile")
+    # a remote workdir: trace into a local dir, copied up when the trace stops
+    self._local = tempfile.mkdtemp(prefix="safecrs-profile-") if storage.is_remote(
+        workdir) and self.stop_at > self.start else None
     self.active = False
 
   def before(self, step):
     if self.stop_at > self.start and step == self.start and not self.active:
-      jax.profiler.start_trace(self.logdir)
+      jax.profiler.start_trace(self._local or self.logdir)
       self.active = True
 
   def after(self, step, state):
@@ -218,6 +222,8 @@ class Profile:
     if self.active:
       jax.profiler.stop_trace()
       self.active = False
+      if self._local:
+        storage.copy_tree(self._local, self.logdir)
 
 
 class Books:

@@ -9,7 +9,9 @@
     (hierarchical namespace, through google-cloud-storage) answers "flat".
 Nothing else is faked: the code under test sees real `gs://` strings.
 """
-import fsspec
+import sys
+
+import fsspec.registry  # noqa: F401 - loads the module read through sys.modules
 from etils.epath import backend as epath_backend
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
@@ -40,9 +42,10 @@ def install(root, monkeypatch):
         return f"{root}/{self._strip_protocol(path)}".rstrip("/")
       return [self._join(p) for p in path]
 
-  for name in ("gs", "gcs"):
-    fsspec.register_implementation(name, FakeGCS, clobber=True)
-  epath_backend.fsspec_backend._get_filesystem.cache_clear()
+  registry = sys.modules["fsspec.registry"]._registry   # `fsspec.registry` is a read-only view
+  for name in ("gs", "gcs"):   # undone at teardown by monkeypatch; then call reset()
+    monkeypatch.setitem(registry, name, FakeGCS)
+  reset()
 
   def kvstore(path):
     return {"driver": "file", "path": f"{root}/{path.removeprefix('gs://')}"}
@@ -53,3 +56,8 @@ def install(root, monkeypatch):
   # namespace; the stand-in is a flat bucket.
   monkeypatch.setattr(gcs, "is_hierarchical_namespace_enabled", lambda path: False)
   return root
+
+
+def reset():
+  """Forgets the filesystems etils.epath cached (after the monkeypatch is undone)."""
+  epath_backend.fsspec_backend._get_filesystem.cache_clear()

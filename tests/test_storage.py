@@ -24,6 +24,8 @@ def bucket(tmp_path, monkeypatch):
   root = fake_bucket.install(tmp_path / "bucket", monkeypatch)
   yield os.path.join(root, "b")
   assert os.listdir(cwd) == [], "something was written to a local path named like the URI"
+  monkeypatch.undo()
+  fake_bucket.reset()
 
 
 def test_storage_ops_on_the_bucket(bucket):
@@ -119,8 +121,11 @@ def test_sft_resume_eval_export_and_data_on_the_bucket(bucket, tmp_path):
     del state
     if step == 2:
       os.kill(os.getpid(), signal.SIGTERM)
-  first = sft.train(_sft_config(cache, "gs://b/data", 3), "gs://b/sft", step_hook=sigterm_at_2)
+  c = _sft_config(cache, "gs://b/data", 3)
+  c.log.profile_steps = (1, 2)
+  first = sft.train(c, "gs://b/sft", step_hook=sigterm_at_2)
   assert first["preempted"] and first["final_step"] == 2
+  assert list(storage.walk_files("gs://b/sft/profile"))   # traced locally, then copied up
   run = os.path.join(bucket, "sft")
   assert {"model_config.json", "tokenizer", "config.json", "metrics.jsonl", "checkpoints"} <= set(
       os.listdir(run))

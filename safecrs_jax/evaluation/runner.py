@@ -31,7 +31,8 @@ import time
 import jax
 import numpy as np
 
-from safecrs_jax import assets, checkpoint, policy, provenance, rollout, run_lock, saferec, storage, tokens
+from safecrs_jax import (assets, checkpoint, policy, provenance, rollout, run_lock, saferec, storage,
+                         tokens)
 from safecrs_jax import sharding as shd
 from safecrs_jax.evaluation import generate as gen
 from safecrs_jax.evaluation import report as rep
