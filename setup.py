@@ -47,5 +47,8 @@ setup(
         # machine. Keep it out of plain installs: with libtpu present, JAX
         # without JAX_PLATFORMS=cpu probes for a TPU for minutes.
         "plan": ["libtpu"],
+        # gs:// work dirs: gcsfs backs etils.epath without TensorFlow; orbax asks
+        # google-cloud-storage about the bucket (hierarchical namespace).
+        "gcs": ["gcsfs", "google-cloud-storage"],
     },
 )

@@ -111,6 +111,7 @@ def build(*, stage, model_preset="", model_dir="", data_dir=MINI,
   c.optim = ml_collections.ConfigDict()
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.save_every = 500  # steps between checkpoints (and one at the end)
+  c.checkpoint.save_every_minutes = 0.0  # also save this many minutes after the last save (0: off)
   c.checkpoint.keep = 3          # checkpoints kept
   c.checkpoint.async_save = True  # write checkpoints in the background
   c.checkpoint.verify = True     # check each step's checksums.json on restore / load / export

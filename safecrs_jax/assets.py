@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 
-from safecrs_jax import saferec, tokens
+from safecrs_jax import saferec, storage, tokens
 from safecrs_jax.saferec import mini
 
 # Bump when the tokenizer recipe changes so old caches are not reused. The
@@ -84,9 +84,9 @@ def resolve_data_dir(config):
   d = config.data.dir
   if d == MINI:
     return mini_dir(config.data.get("mini_seed", 0), cache_root(config))
-  if not d or not os.path.isdir(d):
+  if not d or not storage.isdir(d):
     raise FileNotFoundError(f"data.dir {d!r} does not exist (use 'mini' for SafeRec-mini)")
-  return os.path.abspath(d)
+  return storage.resolve(d)
 
 
 def texts_key(texts):
@@ -124,6 +124,6 @@ def resolve_tokenizer_path(config, data_dir=None):
     if not path:
       raise ValueError("tokenizer.path is empty and model.hf_dir is not set: "
                        "nothing to load the tokenizer from")
-  if not os.path.isdir(path):
+  if not storage.isdir(path):
     raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
-  return os.path.abspath(path)
+  return storage.resolve(path)

@@ -27,14 +27,15 @@ directory — it never silently starts over. Loading a whole model from a step
 import json
 import logging
 import os
-import shutil
+import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
-from safecrs_jax import provenance
+from safecrs_jax import provenance, storage
 
 CHECKPOINTS = "checkpoints"
 MODEL_CONFIG = "model_config.json"
@@ -104,9 +105,12 @@ def _normalise_keys(sig):
 class Checkpointer:
   """CheckpointManager wrapper holding one train state plus a JSON data position."""
 
-  def __init__(self, directory, *, save_every=500, keep=3, async_save=True, verify=True):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory, *, save_every=500, keep=3, async_save=True, verify=True,
+               save_every_minutes=0.0, clock=time.monotonic):
+    self.directory = storage.resolve(directory)
     self.save_every = int(save_every)
+    self.save_every_minutes, self._clock = float(save_every_minutes or 0.0), clock
+    self._last_save = clock()
     self.verify, self._async, self._unsealed = bool(verify), bool(async_save), []
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(int(save_every), 1), max_to_keep=int(keep),
@@ -130,7 +134,19 @@ class Checkpointer:
     return list(self._mngr.all_steps())
 
   def should_save(self, step):
-    return self.save_every > 0 and step % self.save_every == 0
+    """Every `save_every` steps, or once `save_every_minutes` passed since the last save.
+
+    The time test is made on process 0's clock and broadcast, so every host
+    saves the same step (all processes call this at every step).
+    """
+    if self.save_every > 0 and step % self.save_every == 0:
+      return True
+    if self.save_every_minutes <= 0:
+      return False
+    due = np.int32(self._clock() - self._last_save >= 60.0 * self.save_every_minutes)
+    if jax.process_count() > 1:
+      due = multihost_utils.broadcast_one_to_all(due)
+    return bool(due)
 
   def save(self, step, state, data, *, force=False):
     """Saves `state` (pytree) and `data` (JSON-able dict) at `step` (async if enabled).
@@ -145,6 +161,7 @@ class Checkpointer:
     started = self._mngr.save(int(step), force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data))))
     if started:
+      self._last_save = self._clock()
       self._unsealed.append(int(step))
       if not self._async:
         self.seal()
@@ -158,7 +175,7 @@ class Checkpointer:
     if jax.process_index() == 0:
       for step in self._unsealed:
         step_dir = os.path.join(self.directory, str(step))
-        if os.path.isdir(os.path.join(step_dir, "state")):   # not garbage-collected meanwhile
+        if storage.isdir(os.path.join(step_dir, "state")):   # not garbage-collected meanwhile
           provenance.write_manifest(step_dir, STEP_ITEMS)
     self._unsealed = []
 
@@ -224,7 +241,9 @@ class Checkpointer:
 
   def _refuse_stray_contents(self):
     """Entries that look like checkpoints but are not recognised: refuse to start over."""
-    stray = [n for n in os.listdir(self.directory)
+    if not storage.isdir(self.directory):   # an object store may not show an empty "dir"
+      return
+    stray = [n for n in storage.listdir(self.directory)
              if not n.startswith(".") and "tmp" not in n]
     if stray:
       raise CheckpointError(
@@ -235,11 +254,11 @@ class Checkpointer:
     """Deletes every step (process 0) and reopens the manager: the run starts over."""
     self._mngr.wait_until_finished()
     self._unsealed = []
-    if jax.process_index() == 0:
-      for name in os.listdir(self.directory):
+    if jax.process_index() == 0 and storage.isdir(self.directory):
+      for name in storage.listdir(self.directory):
         path = os.path.join(self.directory, name)
-        if os.path.isdir(path):
-          shutil.rmtree(path)
+        if storage.isdir(path):
+          storage.rmtree(path)
     self._mngr.reload()
 
   def wait(self):
@@ -267,10 +286,10 @@ def saved_steps(ckdir):
   (orbax writes a step under a temporary name and renames it when finished, so
   a digit-named directory without state/ is damaged, not absent.)
   """
-  if not os.path.isdir(ckdir):
+  if not storage.isdir(ckdir):
     return []
-  return sorted(int(n) for n in os.listdir(ckdir)
-                if n.isdigit() and os.path.isdir(os.path.join(ckdir, n)))
+  return sorted(int(n) for n in storage.listdir(ckdir)
+                if n.isdigit() and storage.isdir(os.path.join(ckdir, n)))
 
 
 def step_problem(step_dir, verify=True):
@@ -279,12 +298,12 @@ def step_problem(step_dir, verify=True):
   A finished step without checksums.json (a crash between the end of an async
   save and the manifest, or a checkpoint older than checksums) gets one now.
   """
-  if not os.path.isdir(os.path.join(step_dir, "state")):
+  if not storage.isdir(os.path.join(step_dir, "state")):
     return "its state/ directory is missing"
   if not verify:
     return None
   if provenance.read_manifest(step_dir) is None:
-    if jax.process_index() == 0 and os.access(step_dir, os.W_OK):
+    if jax.process_index() == 0 and (storage.is_remote(step_dir) or os.access(step_dir, os.W_OK)):
       provenance.write_manifest(step_dir, STEP_ITEMS)
       print(f"checkpoint {step_dir}: no {provenance.MANIFEST} yet; recorded it now", flush=True)
     return None
@@ -307,14 +326,14 @@ def find_step_dir(path):
   The step is checked for damage (state/ present); a damaged latest step is an
   error, not a reason to fall back to an older one.
   """
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "state")) or (
-      os.path.basename(path).isdigit() and os.path.isdir(path)):
+  path = storage.resolve(path)
+  if storage.isdir(os.path.join(path, "state")) or (
+      os.path.basename(path).isdigit() and storage.isdir(path)):
     check_step(path, verify=False)
     return path
-  ckdir = os.path.join(path, CHECKPOINTS) if os.path.isdir(
+  ckdir = os.path.join(path, CHECKPOINTS) if storage.isdir(
       os.path.join(path, CHECKPOINTS)) else path
-  if not os.path.isdir(ckdir):
+  if not storage.isdir(ckdir):
     raise CheckpointError(f"{path} is not a run directory, checkpoints directory or step")
   steps = saved_steps(ckdir)
   if not steps:
@@ -326,8 +345,8 @@ def find_step_dir(path):
 
 def run_dir_of(step_dir):
   """The run directory (holding model_config.json / tokenizer/) of a step dir, or None."""
-  d = os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))
-  return d if os.path.exists(os.path.join(d, MODEL_CONFIG)) else None
+  d = os.path.dirname(os.path.dirname(storage.resolve(step_dir)))
+  return d if storage.exists(os.path.join(d, MODEL_CONFIG)) else None
 
 
 def load_state_items(path, abstract_items, verify=True):
@@ -370,7 +389,7 @@ def saved_lora_info(path):
   """The LoRA settings stored with a checkpoint ({} when trained without LoRA)."""
   step_dir = find_step_dir(path)
   try:
-    with open(os.path.join(step_dir, "data", "metadata"), encoding="utf-8") as f:
+    with storage.open(os.path.join(step_dir, "data", "metadata"), encoding="utf-8") as f:
       data = json.load(f)
   except (OSError, ValueError) as e:
     raise CheckpointError(f"checkpoint {step_dir} has no readable data item: {e}") from e
@@ -382,6 +401,6 @@ def tokenizer_dir(path):
   step_dir = find_step_dir(path)
   run_dir = run_dir_of(step_dir)
   tok = os.path.join(run_dir or "", TOKENIZER)
-  if run_dir is None or not os.path.isdir(tok):
+  if run_dir is None or not storage.isdir(tok):
     raise CheckpointError(f"{step_dir}: no {TOKENIZER}/ directory in its run directory")
   return tok

@@ -33,6 +33,7 @@ from safecrs_jax import (advantages, assets, checkpoint, chips, flops, models, o
                          policy_loss, provenance, rank_items, rollout, run_lock, saferec, steps,
                          tokens)
 from safecrs_jax import sharding as shd
+from safecrs_jax import storage
 from safecrs_jax import train_loop as loop
 from safecrs_jax import train_state as ts
 
@@ -137,7 +138,7 @@ class Run:
   """Everything `train` builds before looping (tests and benchmarks use the pieces)."""
 
   def __init__(self, config, workdir):
-    self.config, self.workdir = config, os.path.abspath(workdir)
+    self.config, self.workdir = config, storage.resolve(workdir)
     self.summary = {"history": []}   # train() replaces it with the full summary
     self.notify = print               # train() routes notices through the progress bar
     g = self.gcfg = config.gdpo

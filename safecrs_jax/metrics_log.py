@@ -11,11 +11,14 @@ training loop calls it unconditionally. Values may be Python/NumPy/JAX scalars
 (converted with float(); call it at logging points only — it syncs the host).
 """
 import json
+import logging
 import os
 import time
 
 import jax
 import numpy as np
+
+from safecrs_jax import storage
 
 
 def _scalar(v):
@@ -36,10 +39,10 @@ class JsonlWriter:
   """
 
   def __init__(self, path, resume_step=None):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if resume_step is not None and os.path.exists(path):
+    storage.makedirs(os.path.dirname(storage.resolve(path)))
+    if resume_step is not None and storage.exists(path):
       _truncate_after(path, int(resume_step))
-    self._f = open(path, "a", encoding="utf-8")
+    self._f = storage.open(path, "a", encoding="utf-8")
 
   def write(self, step, metrics):
     rec = {"step": int(step), "time": time.time()}
@@ -54,7 +57,7 @@ class JsonlWriter:
 def _truncate_after(path, step):
   """Rewrites a metrics.jsonl keeping the well-formed rows with step <= `step` (0: none)."""
   keep = []
-  with open(path, encoding="utf-8", errors="replace") as f:
+  with storage.open(path, encoding="utf-8", errors="replace") as f:
     for line in f:
       try:
         rec = json.loads(line)
@@ -62,10 +65,7 @@ def _truncate_after(path, step):
         continue
       if step > 0 and int(rec.get("step", 0)) <= step:
         keep.append(line if line.endswith("\n") else line + "\n")
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(keep)
-  os.replace(tmp, path)
+  storage.write_atomic(path, "".join(keep))
 
 
 class TensorBoardWriter:
@@ -102,7 +102,7 @@ class WandbWriter:
     except ImportError as e:
       raise ImportError("log.wandb_project is set but wandb is not installed: "
                         "pip install -e '.[wandb]'") from e
-    run_id = "safecrs-" + os.path.basename(os.path.abspath(workdir).rstrip("/"))
+    run_id = "safecrs-" + os.path.basename(storage.resolve(workdir).rstrip("/"))
     self._run = wandb.init(project=project, mode=mode, dir=workdir, id=run_id,
                            name=name or run_id, resume="allow", config=config,
                            reinit="create_new")
@@ -129,7 +129,12 @@ class MetricWriter:
     if not self.enabled:
       return
     self._writers.append(JsonlWriter(os.path.join(workdir, jsonl_name), resume_step))
-    if tensorboard:
+    if tensorboard and storage.is_remote(workdir):
+      # tensorboardX writes gs:// only through TensorFlow; a local log synced
+      # later would be lost with a preempted pod, so remote runs log JSONL only.
+      logging.warning("TensorBoard is off for remote workdir %s (metrics.jsonl is written); "
+                      "run with a local workdir for TensorBoard", workdir)
+    elif tensorboard:
       # a fresh start hides every old event; a resume those after the restored step
       purge = None if resume_step is None else (int(resume_step) + 1 if resume_step else 0)
       self._writers.append(TensorBoardWriter(os.path.join(workdir, "tb"), purge))
@@ -157,7 +162,7 @@ class MetricWriter:
 
 def read_jsonl(path):
   """All records of a metrics.jsonl file (for tests, plots and reports)."""
-  with open(path, encoding="utf-8") as f:
+  with storage.open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
 
 

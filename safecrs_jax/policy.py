@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from safecrs_jax import assets, checkpoint, models, provenance, tokens
+from safecrs_jax import assets, checkpoint, models, provenance, storage, tokens
 from safecrs_jax import lora as lora_lib
 from safecrs_jax import sharding as shd
 from safecrs_jax import train_state as ts
@@ -83,24 +82,24 @@ def model_config(config, tokenizer=None) -> models.ModelConfig:
 
 def is_hf_dir(path) -> bool:
   """config.json plus safetensors weights (one file, shards, or their index)."""
-  if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+  if not storage.isdir(path) or not storage.isfile(os.path.join(path, "config.json")):
     return False
   return any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json")
-             for n in os.listdir(path))
+             for n in storage.listdir(path))
 
 
 def checkpoint_kind(path) -> str:
   """"hf", "step" or "run" for `path` (module docstring); raises when it is none of them."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(f"checkpoint {path!r} does not exist")
   if is_hf_dir(path):
     return "hf"
-  if os.path.isdir(os.path.join(path, "state")) or (
-      os.path.basename(os.path.abspath(path)).isdigit()
-      and os.path.basename(os.path.dirname(os.path.abspath(path))) == checkpoint.CHECKPOINTS):
+  if storage.isdir(os.path.join(path, "state")) or (
+      os.path.basename(storage.resolve(path)).isdigit()
+      and os.path.basename(os.path.dirname(storage.resolve(path))) == checkpoint.CHECKPOINTS):
     return "step"      # a damaged step (no state/) is reported as such by its readers
   ckdir = os.path.join(path, checkpoint.CHECKPOINTS)
-  if checkpoint.saved_steps(ckdir if os.path.isdir(ckdir) else path):
+  if checkpoint.saved_steps(ckdir if storage.isdir(ckdir) else path):
     return "run"
   raise FileNotFoundError(
       f"{path} holds no checkpoint: expected a Hugging Face directory (config.json + "
@@ -132,7 +131,7 @@ def source_identity(config, path):
             "overrides": [list(x) for x in shd.as_tuples(config.model.get("overrides", ()) or ())],
             "seed": int(config.seed)}
   if checkpoint_kind(path) == "hf":
-    return {"kind": "hf", "path": os.path.abspath(path), "hash": provenance.tree_hash(path)}
+    return {"kind": "hf", "path": storage.resolve(path), "hash": provenance.tree_hash(path)}
   step_dir = checkpoint.find_step_dir(path)
   checkpoint.check_step(step_dir, verify=False)
   checkpoint.step_problem(step_dir)            # records checksums.json when still missing
@@ -187,7 +186,7 @@ def _from_model_section(config, mesh, rules, data_dir, init_key):
   tok = _config_tokenizer(config, data_dir)
   if config.model.hf_dir:
     cfg, params = models.load_hf(config.model.hf_dir, mesh=mesh, rules=rules, **numerics(config))
-    return Policy(cfg, params, tok, os.path.abspath(config.model.hf_dir), "hf")
+    return Policy(cfg, params, tok, storage.resolve(config.model.hf_dir), "hf")
   cfg = model_config(config, tok)
   key = jax.random.key(int(config.seed)) if init_key is None else init_key
   params = models.init_params(cfg, key, mesh=mesh, rules=rules)
@@ -207,9 +206,9 @@ def load_policy(config, path, mesh=None, rules=None, *, data_dir=None, init_key=
   over = numerics(config)
   if kind == "hf":
     cfg, params = models.load_hf(path, mesh=mesh, rules=rules, **over)
-    has_tok = os.path.exists(os.path.join(path, "tokenizer_config.json"))
+    has_tok = storage.exists(os.path.join(path, "tokenizer_config.json"))
     tok = tokens.load_tokenizer(path) if has_tok else _config_tokenizer(config, data_dir)
-    return Policy(cfg, params, tok, os.path.abspath(path), kind)
+    return Policy(cfg, params, tok, storage.resolve(path), kind)
   cfg, params = load_params(path, mesh, rules, verify=config.checkpoint.get("verify", True),
                             **over)
   tok = tokens.load_tokenizer(checkpoint.tokenizer_dir(path))
@@ -225,6 +224,6 @@ def export_hf(path, out_dir, dtype=None):
   models.save_hf(cfg, params, out_dir)
   tok = checkpoint.tokenizer_dir(path)
   if jax.process_index() == 0:
-    for name in os.listdir(tok):
-      shutil.copy2(os.path.join(tok, name), os.path.join(out_dir, name))
+    for name in storage.listdir(tok):
+      storage.copy_file(os.path.join(tok, name), os.path.join(out_dir, name))
   return out_dir

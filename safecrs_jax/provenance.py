@@ -17,6 +17,7 @@ import os
 import jax
 
 import safecrs_jax
+from safecrs_jax import storage
 
 MANIFEST = "checksums.json"
 _BLOCK = 1 << 20
@@ -32,7 +33,7 @@ class ProvenanceError(RuntimeError):
 def file_sha256(path):
   """Hex sha256 of a file's bytes."""
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with storage.open(path, "rb") as f:
     for block in iter(lambda: f.read(_BLOCK), b""):
       h.update(block)
   return h.hexdigest()
@@ -40,6 +41,9 @@ def file_sha256(path):
 
 def _files(root, skip=()):
   """Relative paths of the regular files under `root`, sorted (hidden files skipped)."""
+  if storage.is_remote(root):
+    return sorted(rel for rel in storage.walk_files(root)
+                  if not any(p.startswith(".") for p in rel.split("/")) and rel not in skip)
   out = []
   for d, dirs, files in os.walk(root):
     dirs[:] = sorted(n for n in dirs if not n.startswith("."))
@@ -67,10 +71,9 @@ def tree_hash(path):
   The memo is keyed by every file's (name, size, mtime), so an edited file is
   hashed again.
   """
-  path = os.path.abspath(path)
-  if os.path.isfile(path):
-    st = os.stat(path)
-    key = (path, ((os.path.basename(path), st.st_size, st.st_mtime_ns),))
+  path = storage.resolve(path)
+  if storage.isfile(path):
+    key = (path, ((os.path.basename(path), *storage.stat_key(path)),))
     files = None
   else:
     files = _files(path)
@@ -84,8 +87,7 @@ def tree_hash(path):
 
 
 def _stat(path):
-  st = os.stat(path)
-  return st.st_size, st.st_mtime_ns
+  return storage.stat_key(path)
 
 
 def data_fingerprint(data_dir):
@@ -146,22 +148,20 @@ def write_manifest(root, subdirs):
   """Writes <root>/checksums.json: sha256 of every file under root/<subdir> for subdirs."""
   files = {}
   for sub in subdirs:
-    if os.path.isdir(os.path.join(root, sub)):
+    if storage.isdir(os.path.join(root, sub)):
       files.update({os.path.join(sub, rel): h
                     for rel, h in manifest(os.path.join(root, sub)).items()})
-  tmp = os.path.join(root, MANIFEST + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump({"files": files, "software": software_version()}, f, indent=1, sort_keys=True)
-  os.replace(tmp, os.path.join(root, MANIFEST))
+  storage.write_atomic(os.path.join(root, MANIFEST), json.dumps(
+      {"files": files, "software": software_version()}, indent=1, sort_keys=True))
   return files
 
 
 def read_manifest(root):
   """The {relative path: sha256} recorded in <root>/checksums.json, or None."""
   path = os.path.join(root, MANIFEST)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return None
-  with open(path, encoding="utf-8") as f:
+  with storage.open(path, encoding="utf-8") as f:
     return json.load(f)["files"]
 
 
@@ -172,7 +172,7 @@ def verify_manifest(root, subdirs):
     return f"no {MANIFEST}"
   have = set()
   for sub in subdirs:
-    if os.path.isdir(os.path.join(root, sub)):
+    if storage.isdir(os.path.join(root, sub)):
       have.update(os.path.join(sub, rel) for rel in _files(os.path.join(root, sub)))
   for rel in sorted(set(want) | have):
     path = os.path.join(root, rel)

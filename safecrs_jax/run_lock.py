@@ -17,6 +17,8 @@ import time
 
 import jax
 
+from safecrs_jax import storage
+
 LOCK = ".lock"
 
 
@@ -58,8 +60,10 @@ def acquire(workdir):
   """Takes <workdir>/.lock (process 0 only); returns its path, or None on other processes."""
   if jax.process_index() != 0:
     return None
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(os.path.abspath(workdir), LOCK)
+  storage.makedirs(workdir)
+  path = os.path.join(storage.resolve(workdir), LOCK)
+  if storage.is_remote(path):
+    return _acquire_remote(workdir, path)
   for _ in range(3):
     try:
       fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -85,9 +89,27 @@ def acquire(workdir):
   raise LockError(f"could not take the lock {path}")
 
 
+def _acquire_remote(workdir, path):
+  """Best-effort lock on an object store (no O_EXCL there).
+
+  A lock object holding owner and time is written unless one exists, then read
+  back: two starts within the same instant can both win. A lock left by a run on
+  another host cannot be checked for liveness: it is an error until deleted.
+  """
+  holder = _read(path)
+  if holder is not None and (holder.get("host") != socket.gethostname() or _alive(holder)):
+    raise LockError(f"{workdir} is in use by {_describe(holder)} (lock {path}); wait for it, "
+                    "or delete the lock once that run is known to be gone")
+  me = _me()
+  storage.write_atomic(path, json.dumps(me))
+  if _read(path) != me:
+    raise LockError(f"{workdir}: another run took the lock {path} at the same time")
+  return path
+
+
 def _read(path):
   try:
-    with open(path, encoding="utf-8") as f:
+    with storage.open(path, encoding="utf-8") as f:
       return json.load(f)
   except (OSError, ValueError):
     return None
@@ -100,7 +122,7 @@ def release(path):
   holder = _read(path)
   if holder and holder.get("pid") == os.getpid():
     with contextlib.suppress(FileNotFoundError):
-      os.remove(path)
+      storage.remove(path)
 
 
 @contextlib.contextmanager

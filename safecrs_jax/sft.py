@@ -27,6 +27,7 @@ from safecrs_jax import (assets, checkpoint, chips, flops, models, optim, policy
                          run_lock, saferec, steps, tokens)
 from safecrs_jax import lora as lora_lib
 from safecrs_jax import sharding as shd
+from safecrs_jax import storage
 from safecrs_jax import train_loop as loop
 from safecrs_jax import train_state as ts
 
@@ -176,7 +177,7 @@ class Run:
   """Everything `train` builds before looping; tests and benchmarks use the pieces."""
 
   def __init__(self, config, workdir):
-    self.config, self.workdir = config, os.path.abspath(workdir)
+    self.config, self.workdir = config, storage.resolve(workdir)
     self.lora_on = lora_lib.check_config(config.sft.lora)
     self.mesh, self.rules = shd.mesh_from_config(config)
     self.data_dir = assets.resolve_data_dir(config)
@@ -215,8 +216,8 @@ class Run:
   def _write_curation(self):
     """<workdir>/curation.json: what curation dropped from each split (process 0)."""
     if jax.process_index() == 0:
-      os.makedirs(self.workdir, exist_ok=True)
-      with open(os.path.join(self.workdir, "curation.json"), "w", encoding="utf-8") as f:
+      storage.makedirs(self.workdir)
+      with storage.open(os.path.join(self.workdir, "curation.json"), "w", encoding="utf-8") as f:
         json.dump(self.curation, f, indent=1, ensure_ascii=False)
 
   def _build_state(self):

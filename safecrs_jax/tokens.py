@@ -22,12 +22,13 @@ Rows longer than `max_length` are truncated by `encode_sft(truncation=...)`:
 Both count rows whose prompt lost tokens and rows whose completion was cut.
 """
 import dataclasses
-import os
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers import models as bpe_models
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from safecrs_jax import storage
 
 # End-of-turn markers of the chat templates we know, tried in this order.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
@@ -44,8 +45,9 @@ CHATML_TEMPLATE = (
 
 def load_tokenizer(path):
   """Loads the HF tokenizer saved in directory `path` (no network)."""
-  if not path or not os.path.isdir(path):
+  if not path or not storage.isdir(path):
     raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
+  path = storage.local_copy(path)   # remote: HF reads local files only
   tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
   if not getattr(tok, "chat_template", None):
     raise ValueError(f"tokenizer in {path!r} has no chat_template; SFT needs one")
@@ -278,7 +280,7 @@ def build_local_tokenizer(texts, out_dir, vocab_size=2048):
       bos_token=None, unk_token=None, additional_special_tokens=[IM_START, IM_END],
       model_max_length=1 << 20, padding_side="right", clean_up_tokenization_spaces=False)
   fast.chat_template = CHATML_TEMPLATE
-  os.makedirs(out_dir, exist_ok=True)
+  storage.makedirs(out_dir)
   fast.save_pretrained(out_dir)
   return out_dir
 

@@ -23,15 +23,15 @@ the restored step are dropped and TensorBoard purges those steps.
 """
 import json
 import os
-import shutil
 import signal
+import tempfile
 import threading
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from safecrs_jax import checkpoint, metrics_log, provenance, tokens
+from safecrs_jax import checkpoint, metrics_log, provenance, storage, tokens
 
 
 def due(step, every, total):
@@ -100,18 +100,18 @@ def write_run_files(workdir, config, model_cfg, tokenizer):
   """
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, checkpoint.MODEL_CONFIG), "w") as f:
+  storage.makedirs(workdir)
+  with storage.open(os.path.join(workdir, checkpoint.MODEL_CONFIG), "w") as f:
     json.dump(model_cfg.to_hf_dict(), f, indent=2)
   tok_dir = os.path.join(workdir, checkpoint.TOKENIZER)
-  if not os.path.isdir(tok_dir) or _saved_tokenizer_hash(tok_dir) != provenance.tokenizer_hash(
+  if not storage.isdir(tok_dir) or _saved_tokenizer_hash(tok_dir) != provenance.tokenizer_hash(
       tokenizer):
     tmp = tok_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(tok_dir, ignore_errors=True)
-    os.rename(tmp, tok_dir)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
+    storage.rmtree(tmp, ignore_errors=True)
+    with storage.local_dir_for(tmp) as local:   # HF writes local files only
+      tokenizer.save_pretrained(local)
+    storage.replace_dir(tmp, tok_dir)
+  with storage.open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
 
 
@@ -127,7 +127,8 @@ def open_checkpointer(config, workdir):
   ck = config.checkpoint
   return checkpoint.Checkpointer(
       os.path.join(workdir, checkpoint.CHECKPOINTS), save_every=ck.save_every,
-      keep=ck.keep, async_save=ck.async_save, verify=ck.get("verify", True))
+      keep=ck.keep, async_save=ck.async_save, verify=ck.get("verify", True),
+      save_every_minutes=ck.get("save_every_minutes", 0.0))
 
 
 def restore_or_init(ckpt, abstract_state, fingerprint, init_fn, *, overwrite=False):
@@ -202,11 +203,14 @@ class Profile:
   def __init__(self, workdir, steps):
     self.start, self.stop_at = (int(s) for s in steps)
     self.logdir = os.path.join(workdir, "profile")
+    # a remote workdir: trace into a local dir, copied up when the trace stops
+    self._local = tempfile.mkdtemp(prefix="safecrs-profile-") if storage.is_remote(
+        workdir) and self.stop_at > self.start else None
     self.active = False
 
   def before(self, step):
     if self.stop_at > self.start and step == self.start and not self.active:
-      jax.profiler.start_trace(self.logdir)
+      jax.profiler.start_trace(self._local or self.logdir)
       self.active = True
 
   def after(self, step, state):
@@ -218,6 +222,8 @@ class Profile:
     if self.active:
       jax.profiler.stop_trace()
       self.active = False
+      if self._local:
+        storage.copy_tree(self._local, self.logdir)
 
 
 class Books:

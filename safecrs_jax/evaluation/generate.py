@@ -20,7 +20,7 @@ import os
 import jax
 import numpy as np
 
-from safecrs_jax import metrics_log, provenance, rollout, tokens
+from safecrs_jax import metrics_log, provenance, rollout, storage, tokens
 
 
 def _prompt_key(prompt):
@@ -42,9 +42,9 @@ def unique_prompts(rows):
 def _read_raw(path):
   """(header, finished generations {prompt_id: record}); a torn last line (crash) is ignored."""
   header, done = None, {}
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return header, done
-  with open(path, encoding="utf-8", errors="replace") as f:
+  with storage.open(path, encoding="utf-8", errors="replace") as f:
     for n, line in enumerate(f):
       try:
         rec = json.loads(line)
@@ -61,7 +61,7 @@ def _check_header(path, header, recorded, done):
   """The reusable generations: `done` when the file's header matches, else {} (file reset)."""
   if header is None:
     return done
-  if os.path.exists(path) and (recorded is None or provenance.first_difference(
+  if storage.exists(path) and (recorded is None or provenance.first_difference(
       json.loads(json.dumps(recorded)), json.loads(json.dumps(header)))):
     if recorded is None:
       why = "it has no header"
@@ -79,7 +79,7 @@ def _check_header(path, header, recorded, done):
 def write_header(path, header):
   """Starts a raw generations file with its header line (process 0)."""
   if jax.process_index() == 0:
-    with open(path, "w", encoding="utf-8") as f:
+    with storage.open(path, "w", encoding="utf-8") as f:
       f.write(json.dumps({"header": header}, ensure_ascii=False, default=str) + "\n")
 
 
@@ -101,10 +101,10 @@ def generate_texts(model_cfg, params, tokenizer, prompts, *, sampling, batch_siz
   recorded, done = _read_raw(raw_path)
   done = _check_header(raw_path, header, recorded, done)
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(os.path.abspath(raw_path)), exist_ok=True)
-    if not os.path.exists(raw_path) and header is not None:
+    storage.makedirs(os.path.dirname(storage.resolve(raw_path)))
+    if not storage.exists(raw_path) and header is not None:
       write_header(raw_path, header)
-    with open(raw_path, "a", encoding="utf-8"):
+    with storage.open(raw_path, "a", encoding="utf-8"):
       pass
   # Drop a torn tail so that appends start on a fresh line.
   _rewrite_clean(raw_path, done, header)
@@ -131,7 +131,7 @@ def generate_texts(model_cfg, params, tokenizer, prompts, *, sampling, batch_siz
       recs.append({"prompt_id": pid, "text": text, "num_tokens": n, "stopped": stopped,
                    "prompt_truncated": lengths[pid] > max_prompt_length})
     if jax.process_index() == 0:
-      with open(raw_path, "a", encoding="utf-8") as f:
+      with storage.open(raw_path, "a", encoding="utf-8") as f:
         f.write("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in recs))
     for x in recs:
       done[x["prompt_id"]] = x
@@ -142,14 +142,14 @@ def generate_texts(model_cfg, params, tokenizer, prompts, *, sampling, batch_siz
 
 
 def _rewrite_clean(path, done, header):
-  if jax.process_index() != 0 or not os.path.exists(path):
+  if jax.process_index() != 0 or not storage.exists(path):
     return
-  with open(path, encoding="utf-8", errors="replace") as f:
+  with storage.open(path, encoding="utf-8", errors="replace") as f:
     content = f.read()
   if content and not content.endswith("\n"):
     if header is not None:
       write_header(path, header)
-    with open(path, "a" if header is not None else "w", encoding="utf-8") as f:
+    with storage.open(path, "a" if header is not None else "w", encoding="utf-8") as f:
       f.write("".join(json.dumps(done[k], ensure_ascii=False) + "\n" for k in done))
 
 

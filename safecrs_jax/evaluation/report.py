@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after selecting the headless backend)
 
-from safecrs_jax import saferec  # noqa: E402
+from safecrs_jax import saferec, storage  # noqa: E402
 
 # Metrics shown in tables and plots (all K are in the report).
 HEADLINE = ("recall@10", "ndcg@10", "svr@10", "sdcg@10")
@@ -49,30 +49,27 @@ def score(texts, rows, oracle, catalog, ks):
 
 
 def write_json(path, obj):
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, ensure_ascii=False)
-  os.replace(tmp, path)
+  storage.write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False))
 
 
 def write_run_summary(reports, out_dir, keys=HEADLINE + ("recall@20", "svr@20")):
   """metrics.csv, plots/<metric>.png (against step) and comparison.md for reports."""
-  os.makedirs(out_dir, exist_ok=True)
+  storage.makedirs(out_dir)
   keys = [k for k in keys if all(k in r["metrics"] for r in reports)]
-  with open(os.path.join(out_dir, "metrics.csv"), "w", newline="", encoding="utf-8") as f:
+  with storage.open(os.path.join(out_dir, "metrics.csv"), "w", newline="", encoding="utf-8") as f:
     w = csv.writer(f)
     w.writerow(["checkpoint", "step", *keys])
     for r in reports:
       w.writerow([r["checkpoint"]["name"], r["checkpoint"]["step"],
                   *[f"{r['metrics'][k]:.6g}" for k in keys]])
   plot_metrics(reports, os.path.join(out_dir, "plots"), keys)
-  with open(os.path.join(out_dir, "comparison.md"), "w", encoding="utf-8") as f:
+  with storage.open(os.path.join(out_dir, "comparison.md"), "w", encoding="utf-8") as f:
     f.write(comparison_table({r["checkpoint"]["name"]: r for r in reports}, keys) + "\n")
 
 
 def plot_metrics(reports, plot_dir, keys):
   """One PNG per metric: value against training step. Returns the paths."""
-  os.makedirs(plot_dir, exist_ok=True)
+  storage.makedirs(plot_dir)
   pts = sorted((r["checkpoint"]["step"], r["metrics"]) for r in reports)
   paths = []
   for k in keys:
@@ -84,7 +81,8 @@ def plot_metrics(reports, plot_dir, keys):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = os.path.join(plot_dir, k.replace("@", "_at_").replace("/", "_") + ".png")
-    fig.savefig(path, dpi=100)
+    with storage.open(path, "wb") as f:   # a file object: works for gs:// too
+      fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
     paths.append(path)
   return paths
@@ -103,7 +101,8 @@ def plot_models(table, path):
     ax.set_title(k)
     ax.tick_params(axis="x", labelrotation=30)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  with storage.open(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=100)
   plt.close(fig)
   return path
 

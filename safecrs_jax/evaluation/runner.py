@@ -31,7 +31,8 @@ import time
 import jax
 import numpy as np
 
-from safecrs_jax import assets, checkpoint, policy, provenance, rollout, run_lock, saferec, tokens
+from safecrs_jax import (assets, checkpoint, policy, provenance, rollout, run_lock, saferec, storage,
+                         tokens)
 from safecrs_jax import sharding as shd
 from safecrs_jax.evaluation import generate as gen
 from safecrs_jax.evaluation import report as rep
@@ -52,7 +53,7 @@ class Target:
 
 def resolve_targets(path, steps=None):
   """The checkpoints named by `path` (module docstring), oldest first."""
-  full = os.path.abspath(path)
+  full = storage.resolve(path)
   kind = policy.checkpoint_kind(full)
   if kind == "hf":
     if steps:
@@ -62,7 +63,7 @@ def resolve_targets(path, steps=None):
     step = int(os.path.basename(full)) if os.path.basename(full).isdigit() else -1
     return [Target(f"step_{step}", full, "orbax", step)]
   ckdir = os.path.join(full, checkpoint.CHECKPOINTS)
-  ckdir = ckdir if os.path.isdir(ckdir) else full
+  ckdir = ckdir if storage.isdir(ckdir) else full
   saved = checkpoint.saved_steps(ckdir)
   if steps:
     want = sorted({int(s) for s in steps})
@@ -111,7 +112,7 @@ def _generation_stats(done, num_prompts, t0):
 def _write_outputs(out_dir, recs, row_to_prompt, done, report):
   if jax.process_index() != 0:
     return
-  with open(os.path.join(out_dir, GENERATIONS), "w", encoding="utf-8") as f:
+  with storage.open(os.path.join(out_dir, GENERATIONS), "w", encoding="utf-8") as f:
     for rec in recs:
       pid = row_to_prompt[rec["row"]]
       f.write(json.dumps(dict(rec, prompt_id=pid, text=done[pid]["text"]),
@@ -201,7 +202,7 @@ def _evaluate(config, checkpoint_path, split, workdir, steps, mesh, rules, progr
   reports = []
   for target in targets:
     out_dir = os.path.join(base, target.name)
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     reports.append(evaluate_target(config, target, rows, oracle, catalog, out_dir,
                                    mesh=mesh, rules=rules, progress=progress))
   if jax.process_index() == 0 and len(reports) > 1:
@@ -227,13 +228,13 @@ def _compare(config, named_paths, workdir, split, mesh, rules, progress):
   for name, path in named_paths.items():
     target = resolve_targets(path)[-1]
     out_dir = os.path.join(workdir, name, split, target.name)
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     reports[name] = evaluate_target(config, target, rows, oracle, catalog, out_dir,
                                     mesh=mesh, rules=rules, progress=progress)
   if jax.process_index() == 0:
     out = os.path.join(workdir, split)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "comparison.md"), "w", encoding="utf-8") as f:
+    storage.makedirs(out)
+    with storage.open(os.path.join(out, "comparison.md"), "w", encoding="utf-8") as f:
       f.write(rep.comparison_table(reports) + "\n")
     rep.plot_models({n: r["metrics"] for n, r in reports.items()}, os.path.join(out, "models.png"))
   return reports

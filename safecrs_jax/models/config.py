@@ -18,6 +18,8 @@ import json
 import os
 from typing import Any
 
+from safecrs_jax import storage
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -162,11 +164,11 @@ class ModelConfig:
     src = "<dict>"
     if isinstance(path_or_dict, (str, os.PathLike)):
       src = os.fspath(path_or_dict)
-      if os.path.isdir(src):
+      if storage.isdir(src):
         src = os.path.join(src, "config.json")
-      if not os.path.exists(src):
+      if not storage.exists(src):
         raise FileNotFoundError(f"config.json not found: {src}")
-      with open(src, encoding="utf-8") as f:
+      with storage.open(src, encoding="utf-8") as f:
         d = json.load(f)
     elif isinstance(path_or_dict, dict):
       d = dict(path_or_dict)

@@ -24,6 +24,7 @@ import re
 import jax
 import numpy as np
 
+from safecrs_jax import storage
 from safecrs_jax.models import safetensors_io as st
 from safecrs_jax.models.config import ModelConfig
 from safecrs_jax.models.decoder import abstract_params, param_shardings
@@ -79,24 +80,25 @@ def hf_tensor_names(cfg: ModelConfig) -> list[str]:
 
 def _open_checkpoint(path: str) -> dict[str, st.SafeFile]:
   """Tensor name -> SafeFile holding it; validates the index against the files."""
-  if not os.path.isdir(path):
+  if not storage.isdir(path):
     raise FileNotFoundError(f"checkpoint directory not found: {path}")
+  path = storage.local_copy(path)   # remote: read from a local copy (safetensors are mmapped)
   index_path = os.path.join(path, INDEX_FILE)
   files: dict[str, st.SafeFile] = {}
 
   def open_file(fname):
     if fname not in files:
       fpath = os.path.join(path, fname)
-      if not os.path.exists(fpath):
+      if not storage.exists(fpath):
         raise FileNotFoundError(f"safetensors file {fpath} not found"
-                                + (f" (listed in {index_path})" if os.path.exists(index_path)
+                                + (f" (listed in {index_path})" if storage.exists(index_path)
                                    else ""))
       files[fname] = st.SafeFile(fpath)
     return files[fname]
 
   where: dict[str, st.SafeFile] = {}
-  if os.path.exists(index_path):
-    with open(index_path, encoding="utf-8") as f:
+  if storage.exists(index_path):
+    with storage.open(index_path, encoding="utf-8") as f:
       weight_map = json.load(f).get("weight_map")
     if not isinstance(weight_map, dict):
       raise CheckpointError(f"{index_path}: no 'weight_map'")
@@ -107,7 +109,7 @@ def _open_checkpoint(path: str) -> dict[str, st.SafeFile]:
                               f"from {sf.path}")
       where[name] = sf
   else:
-    names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    names = sorted(n for n in storage.listdir(path) if n.endswith(".safetensors"))
     if not names:
       raise FileNotFoundError(f"no *.safetensors (nor {INDEX_FILE}) in {path}")
     for fname in names:
@@ -261,8 +263,8 @@ def save_hf(cfg: ModelConfig, params, out_dir: str, max_shard_bytes: int = 4 << 
 
   main = jax.process_index() == 0
   if main:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+    storage.makedirs(out_dir)
+    with storage.open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
       json.dump(cfg.to_hf_dict(), f, indent=2, sort_keys=True)
   # Group into shards by size.
   shards, cur, size = [], [], 0
@@ -280,18 +282,19 @@ def save_hf(cfg: ModelConfig, params, out_dir: str, max_shard_bytes: int = 4 << 
   for fname, shard in zip(names, shards):
     producers = {e[0]: e[3] for e in shard}
     if main:
-      st.write(os.path.join(out_dir, fname), [(e[0], e[1], e[2]) for e in shard],
-               lambda n: producers[n]())
+      with storage.local_dir_for(out_dir) as local:   # remote: a local file, then copied
+        st.write(os.path.join(local, fname), [(e[0], e[1], e[2]) for e in shard],
+                 lambda n: producers[n]())
     else:  # still take part in the collective gathers
       for e in shard:
         e[3]()
     weight_map.update({e[0]: fname for e in shard})
   if main and len(shards) > 1:
     total = sum(st.tensor_nbytes(e[1], e[2]) for e in entries)
-    with open(os.path.join(out_dir, INDEX_FILE), "w", encoding="utf-8") as f:
+    with storage.open(os.path.join(out_dir, INDEX_FILE), "w", encoding="utf-8") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
   if main:  # drop stale files of an earlier save into the same directory
     keep = set(names) | ({INDEX_FILE} if len(shards) > 1 else set())
-    for fname in os.listdir(out_dir):
+    for fname in storage.listdir(out_dir):
       if fname not in keep and (fname.endswith(".safetensors") or fname == INDEX_FILE):
-        os.remove(os.path.join(out_dir, fname))
+        storage.remove(os.path.join(out_dir, fname))

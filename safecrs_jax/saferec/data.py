@@ -37,6 +37,7 @@ import logging
 import os
 from collections.abc import Sequence
 
+from safecrs_jax import storage
 from safecrs_jax.saferec.metrics import Catalog
 from safecrs_jax.saferec.oracle import SafetyOracle
 from safecrs_jax.saferec.traits import TRAITS
@@ -156,13 +157,13 @@ def find_split(data_dir: str, split: str, stage: str = "sft") -> str:
   """Path of a split: a `save_to_disk` directory or a .jsonl file (see module docstring)."""
   if stage not in STAGES:
     raise ValueError(f"stage={stage!r}: expected one of {STAGES}")
-  if os.path.isfile(data_dir) and data_dir.endswith(".jsonl"):
+  if storage.isfile(data_dir) and data_dir.endswith(".jsonl"):
     return data_dir
   tried = _split_candidates(data_dir, split, stage)
   for path in tried:
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_info.json")):
+    if storage.isdir(path) and storage.exists(os.path.join(path, "dataset_info.json")):
       return path
-    if os.path.isfile(path):
+    if storage.isfile(path):
       return path
   raise FileNotFoundError(f"no {stage} split {split!r} under {data_dir}; tried:\n  " + "\n  ".join(tried))
 
@@ -174,15 +175,15 @@ def read_raw_rows(path: str, line_numbers: bool = False):
   (None for a datasets directory). A line that is not UTF-8 / JSON becomes a
   bad-line marker that load_split reports.
   """
-  if os.path.isdir(path):
+  if storage.isdir(path):
     import datasets  # heavy: only for released-format directories
-    ds = datasets.load_from_disk(path)
+    ds = datasets.load_from_disk(storage.local_copy(path))
     if isinstance(ds, datasets.DatasetDict):
       raise SafeRecDataError(f"{path}: holds several splits {list(ds)}; point at one split directory")
     rows = ds.to_list()
     return (rows, [None] * len(rows)) if line_numbers else rows
   rows, lines = [], []
-  with open(path, "rb") as f:
+  with storage.open(path, "rb") as f:
     for i, raw in enumerate(f):
       if not raw.strip():
         continue
@@ -260,8 +261,8 @@ def load_split(data_dir: str, split: str, stage: str = "sft", strict: bool = Tru
 # ------------------------------------------------------------------ oracle / catalog
 def _first_existing(paths: Sequence[str], what: str) -> str:
   for p in paths:
-    if os.path.isfile(p):
-      return p
+    if storage.isfile(p):
+      return storage.local_file(p)   # the oracle / catalog readers open local files
   raise FileNotFoundError(f"no {what} found; tried:\n  " + "\n  ".join(paths))
 
 
@@ -271,9 +272,9 @@ def load_oracle(data_dir: str, risk_threshold: float = 0.66, *, title_fallback: 
   an `oracle_table.jsonl` (project-native table) in `data_dir`. The options are
   `SafetyOracle`'s (defaults: the reference lookups)."""
   table = os.path.join(data_dir, ORACLE_TABLE)
-  if os.path.isfile(table):
-    return SafetyOracle.from_table(table, risk_threshold, title_fallback=title_fallback)
-  parent = os.path.dirname(os.path.abspath(data_dir))
+  if storage.isfile(table):
+    return SafetyOracle.from_table(storage.local_file(table), risk_threshold, title_fallback=title_fallback)
+  parent = os.path.dirname(storage.resolve(data_dir))
   trait_json = _first_existing(
       [os.path.join(data_dir, "downloaded_datasets", TRAIT_JSON), os.path.join(data_dir, TRAIT_JSON)],
       TRAIT_JSON)
@@ -286,6 +287,6 @@ def load_oracle(data_dir: str, risk_threshold: float = 0.66, *, title_fallback: 
 
 def load_catalog(data_dir: str) -> Catalog:
   """The ground-truth catalog (`gt_catalog_complete.pkl`: list of (title, year))."""
-  parent = os.path.dirname(os.path.abspath(data_dir))
+  parent = os.path.dirname(storage.resolve(data_dir))
   paths = [os.path.join(d, name) for d in (data_dir, parent) for name in CATALOG_PKLS]
   return Catalog.from_pickle(_first_existing(paths, "catalog pickle"))
