@@ -124,6 +124,7 @@ def _launch(args):
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # two subprocesses, each importing JAX: ~30 s of CPU
 def test_launch_evaluate_suite_relational(setup):
   root, config, base, _ = setup
   work = root / "launch"
