@@ -4,6 +4,8 @@ r"""Evaluates checkpoints on a SafeRec split (greedy decoding, every metric).
       --checkpoint=runs/sft [--steps=100,200] [--split=test] --workdir=runs/eval
   python -m launch.evaluate --config=configs/demo.py:stage=sft \
       --runs=sft=runs/sft,gdpo=runs/gdpo,grpo=runs/grpo --workdir=runs/compare
+  python -m launch.evaluate --config=configs/demo.py --suite=relational \
+      --runs=sft=runs/sft,gdpo=runs/gdpo --workdir=runs/relational
 
 --checkpoint takes a run directory (every saved step, or --steps), one orbax
 step directory (<run>/checkpoints/<step>) or a Hugging Face directory. Each
@@ -15,7 +17,14 @@ and one plot for all of them under <workdir>/<split>/. Re-running an
 interrupted command resumes it; generations of another checkpoint or other
 settings are regenerated, not reused. A damaged checkpoint step, or an empty
 split, is an error (exit status 1).
+
+--suite=relational evaluates the same kinds of checkpoint (--checkpoint: each
+step, --runs: each latest step) on the relational-safety suite built from the
+split (evaluation/relational.py): <workdir>/suite/, <workdir>/<name>/report.json,
+and one report card for all of them: <workdir>/card.md, relational.json, plots.
 """
+import sys
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -33,6 +42,8 @@ _RUNS = flags.DEFINE_list(
     "runs", None, "name=path,...: compare the latest checkpoint of several runs.")
 _STEPS = flags.DEFINE_list("steps", None, "Only these steps of a run dir (default: all).")
 _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: config eval.split).")
+_SUITE = flags.DEFINE_enum("suite", "saferec", ["saferec", "relational"],
+                           "saferec: the split's own metrics; relational: the relational suite.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where reports and generations go.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -58,6 +69,8 @@ def main(argv):
     raise app.UsageError("--steps applies to --checkpoint only (--runs takes each latest step)")
   launch.quiet_logs()
   sharding.maybe_initialize_distributed()
+  if _SUITE.value == "relational":
+    return _relational()
   with launch.clear_errors():
     if _RUNS.value:
       named = evaluation.compare(_CONFIG.value, _named_runs(_RUNS.value), split=_SPLIT.value,
@@ -68,6 +81,22 @@ def main(argv):
       named = {r["checkpoint"]["name"]: r for r in reports}
   if sharding.is_main_process():
     print(evaluation.comparison_table(named))
+
+
+def _relational():
+  try:  # a missing or damaged checkpoint: one line, before any work
+    if _RUNS.value:
+      targets = {n: evaluation.resolve_targets(p)[-1] for n, p in _named_runs(_RUNS.value).items()}
+    else:
+      targets = {t.name: t for t in evaluation.resolve_targets(_CHECKPOINT.value, _STEPS.value)}
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  with launch.clear_errors():
+    reports = evaluation.evaluate_relational(_CONFIG.value, targets, _WORKDIR.value,
+                                             split=_SPLIT.value)
+  if sharding.is_main_process():
+    print(evaluation.headline_table(reports, evaluation.RELATIONAL_HEADLINE))
+    print(f"card: {next(iter(reports.values()))['card'].get('card')}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ def test_demo_entry_point_smoke(tmp_path):
   work = tmp_path / "demo"
   cmd = [sys.executable, "-m", "launch.demo", f"--workdir={work}", "--size=test",
          "--set=sft.num_steps=4", "--set=gdpo.num_steps=1", "--set=gdpo.max_completion_length=24",
-         "--set=eval.max_new_tokens=24", "--eval_rows=8", "--noprogress"]
+         "--set=eval.max_new_tokens=24", "--set=eval.relational_max_sources=1", "--eval_rows=8",
+         "--noprogress"]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = proc.stdout
@@ -35,6 +36,11 @@ def test_demo_entry_point_smoke(tmp_path):
     assert report["metrics"]["num_rows"] == 8
     assert report["split"] == "test"
   assert os.path.getsize(work / "eval" / "models.png") > 1000
+  # The relational suite: headline rows per model, the card beside them.
+  assert "| model | svr@10 | svr@10/turns=4 | svr@10/disclosure=narrative |" in out
+  assert set(summary["relational"]) == set(demo.ROWS)
+  assert os.path.exists(summary["relational_card"]) and summary["relational_rows"] > 20
+  assert "svr@10/turns=4" in summary["verdict"] and "ofr@10" in summary["verdict"]
   for stage in ("sft", "gdpo", "grpo"):
     assert os.listdir(work / stage / "checkpoints")
 
