@@ -25,7 +25,9 @@ def test_demo_entry_point_smoke(tmp_path):
     assert f"| {name} |" in out
   # A smoke-size run cannot show the effect, and must say so rather than hide it.
   summary = json.load(open(work / "summary.json"))
-  assert ("OK:" in summary["verdict"]) == summary["verdict_ok"]
+  assert ("OK:" in summary["verdict"]) == summary["relational_ok"]
+  assert summary["verdict_ok"] == demo.verdict(summary["table"])[0]
+  assert summary["relational_ok"] <= summary["verdict_ok"]   # both parts, or not OK
   assert summary["verdict"] in out
   assert set(summary["table"]) == set(demo.ROWS)
   for name, metrics in summary["table"].items():
