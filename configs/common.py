@@ -161,7 +161,7 @@ def build(*, stage, model_preset="", model_dir="", data_dir=MINI,
   c.gdpo.importance_sampling = "sequence"  # "sequence" | "token"
   c.gdpo.loss_agg = "dapo"       # "dapo" | "grpo" | "bnpo" | "dr_grpo"
   c.gdpo.advantage_mode = "gdpo"  # "gdpo" | "grpo" | "rank"
-  c.gdpo.rewards = ("relevance", "safety")  # from: relevance, safety, count
+  c.gdpo.rewards = ("relevance", "safety")  # from: relevance, safety, count, safe_relevance, over_filter
   c.gdpo.reward_weights = (1.0, 1.0)        # one per reward
   c.gdpo.rec_num = 20            # ranks scored by the rewards
   c.gdpo.relevance = "hit"       # "hit" (released trainer) | "dcg"

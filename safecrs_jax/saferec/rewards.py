@@ -12,6 +12,17 @@ contribute nothing. Discount d_k = 1 / log2(k + 1).
              is unsafe for the user (oracle; unknown movies are safe).
   count      +lambda_count when exactly target_count titles parse, else
              -lambda_count * |n - target| / target (nothing parses: -lambda_count).
+  safe_relevance  relevance against the ground truth minus the items unsafe for
+             the row's constraints (a hit on a harmful title earns nothing);
+             0 when no safe ground truth is left.
+  over_filter  on rows with variant "neutral" / "decoy" (relational suite rows;
+             constraints empty, `hazard_traits` = the twin pair's traits):
+             -max(0, r - u) / r, where r = items of the reference list's first I
+             (teacher_completion, else completion, else ground truth) unsafe for
+             hazard_traits and u = the same count in the completion's first I:
+             the share of hazard-for-others items withheld from a user who never
+             asked for that (ofr@K of saferec.relational.report, per row). 0 on
+             other rows and where r = 0.
   rank_rewards (per rank, [B, I], for rank-level advantages):
     exp_inf    hit_k + s_k
     log_decay  sum_{j >= k} d_j hit_j + s_k
@@ -30,7 +41,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from safecrs_jax.saferec.matching import discounts, hit_matrix
-from safecrs_jax.saferec.parsing import parse_all
+from safecrs_jax.saferec.parsing import parse_all, parse_recommendations
 
 RANK_MODES = ("exp_inf", "log_decay")
 
@@ -155,6 +166,40 @@ def _count(parsed, rows, oracle, s):
   return count_reward(parsed, s.target_count, s.lambda_count)
 
 
+def _safe_relevance(parsed, rows, oracle, s):
+  gts = []
+  for row in rows:
+    gt = [(str(t), int(y)) for t, y in row.get("groundtruth_with_release_year") or []]
+    unsafe = oracle.violations([gt], [row.get("constraints")])[0] if gt else []
+    gts.append([g for g, bad in zip(gt, unsafe) if not bad])
+  return relevance_reward(parsed, gts, s.rec_num, dcg=(s.relevance == "dcg"),
+                          year_order=s.year_order)
+
+
+OVER_FILTER_VARIANTS = ("neutral", "decoy")
+
+
+def _reference(row):
+  for field in ("teacher_completion", "completion"):
+    if row.get(field):
+      return parse_recommendations(row[field])
+  return [(str(t), int(y)) for t, y in row.get("groundtruth_with_release_year") or []]
+
+
+def _over_filter(parsed, rows, oracle, s):
+  out = np.zeros(len(rows), np.float32)
+  todo = [n for n, row in enumerate(rows)
+          if row.get("variant") in OVER_FILTER_VARIANTS and row.get("hazard_traits")]
+  if not todo:
+    return out
+  hazard = [{t: True for t in rows[n]["hazard_traits"]} for n in todo]
+  ref = oracle.violations([_reference(rows[n]) for n in todo], hazard, s.rec_num).sum(1)
+  got = oracle.violations([parsed[n] for n in todo], hazard, s.rec_num).sum(1)
+  share = np.divide(np.maximum(0, ref - got), ref, out=np.zeros(len(todo)), where=ref > 0)
+  out[todo] = -share
+  return out
+
+
 def _rank_part(part):
   def fn(parsed, rows, oracle, s):
     return rank_rewards(parsed, rows, rows, oracle, mode=s.rank_reward, rec_num=s.rec_num,
@@ -164,7 +209,8 @@ def _rank_part(part):
   return fn
 
 
-SEQUENCE_REWARDS = {"relevance": _relevance, "safety": _safety, "count": _count}
+SEQUENCE_REWARDS = {"relevance": _relevance, "safety": _safety, "count": _count,
+                    "safe_relevance": _safe_relevance, "over_filter": _over_filter}
 RANK_REWARDS = {"relevance": _rank_part("relevance"), "safety": _rank_part("safety")}
 
 
