@@ -23,10 +23,10 @@ from safecrs_jax import sharding as shd
 from safecrs_jax import chips
 from safecrs_jax.plan import programs, report
 from safecrs_jax.chips import CHIPS, Chip, chip_of
-from safecrs_jax.plan.report import format_table, loop_param_all_gathers
+from safecrs_jax.plan.report import format_table, gradient_reductions, loop_param_all_gathers
 from safecrs_jax.plan.topology import topology_devices, tpu_topology_name
 
-__all__ = ["CHIPS", "Chip", "chip_of", "format_table", "loop_param_all_gathers", "plan_config",
+__all__ = ["CHIPS", "Chip", "chip_of", "format_table", "gradient_reductions", "loop_param_all_gathers", "plan_config",
            "preflight", "topology_devices", "tpu_topology_name", "verdict"]
 
 

@@ -23,6 +23,18 @@ scan, accumulation scan) whose result has the element count of a parameter (or
 of one layer's slice of it, or its tensor-parallel shard). The decode loop of a
 generate program should have none; an FSDP training step has them by design
 (weights are gathered layer by layer).
+
+gradient_reductions (train programs): how the compiled step reduces
+parameter-sized arrays across devices. reduce_scatter counts reduce-scatters
+(TPU fuses them as "all-reduce-scatter" fusions); full_all_reduces counts
+parameter-sized arrays (whole, or one layer's slice) all-reduced at full size
+outside such fusions. Under FSDP every gradient should be reduce-scattered
+(full_all_reduces 0). Seen (2026-12, jax 0.10.2, libtpu 0.0.52, v5litepod-4,
+demo test size): the embedding / head gradient is reduce-scattered, each decoder
+layer's gradients are all-reduced at full size inside the backward loop
+(twice the traffic of a reduce-scatter; constraining the layer weights or the
+accumulation carry to their FSDP layout did not change it). XLA:CPU has no
+reduce-scatter pass: cpu:N rows show every reduction as an all-reduce.
 """
 from __future__ import annotations
 
@@ -39,6 +51,8 @@ _CALLS = re.compile(
 _BODY = re.compile(r"\bbody=%?([\w.\-]+)")
 _SHAPE = re.compile(r"[a-z]+\d*\[([\d,]*)\]")
 _GATHER = re.compile(r"=\s*(.*?)\s(all-gather(?:-start)?)\(")
+_ALL_REDUCE = re.compile(r"=\s*(.*?)\sall-reduce(?:-start)?\(")
+_REDUCE_SCATTER = re.compile(r"\sreduce-scatter(?:-start)?\(|calls=%?all-reduce-scatter")
 
 
 def _computations(hlo: str) -> dict:
@@ -111,6 +125,28 @@ def loop_param_all_gathers(hlo: str, sizes: set) -> int:
              for s in _gathered_sizes(line) if s in sizes)
 
 
+def gradient_reductions(hlo: str, sizes: set) -> dict:
+  """{"reduce_scatter": n, "full_all_reduces": m} of a compiled module (module docstring).
+
+  The all-reduce inside a TPU "all-reduce-scatter" fusion's own computation is
+  part of that reduce-scatter and is not counted as a full all-reduce.
+  """
+  rs = full = 0
+  inside_rs = False
+  for line in hlo.splitlines():
+    head = line.strip()
+    if head.endswith("{") and " = " not in head.split("(")[0]:
+      inside_rs = head.lstrip("%").startswith("all-reduce-scatter")
+      continue
+    if _REDUCE_SCATTER.search(line):
+      rs += 1
+      continue
+    m = None if inside_rs else _ALL_REDUCE.search(line)
+    if m:
+      full += sum(1 for d in _SHAPE.findall(m.group(1)) if eval_size(d) in sizes)
+  return {"reduce_scatter": rs, "full_all_reduces": full}
+
+
 def mfu_ceiling(program, model_cfg, chip, n_devices):
   """The best MFU the program could reach on `chip` (module docstring)."""
   if program.kind == "forward":
@@ -160,12 +196,15 @@ def measure(program, model_cfg, chip, hbm_bytes, mesh) -> dict:
   out, alias = int(ma.output_size_in_bytes), int(ma.alias_size_in_bytes)
   peak = arg + tmp + out - alias + program.resident
   tensor = int(mesh.shape.get("tensor", 1))
+  text = compiled.as_text()
+  if program.kind == "train":
+    row["gradient_reductions"] = gradient_reductions(text, param_sizes(model_cfg))
   row.update(argument_bytes=arg, temp_bytes=tmp, output_bytes=out, alias_bytes=alias,
              peak_bytes=peak,
              fits=None if hbm_bytes is None else peak <= hbm_bytes,
              headroom=None if hbm_bytes is None else 1.0 - peak / hbm_bytes,
              loop_param_all_gathers=loop_param_all_gathers(
-                 compiled.as_text(), param_sizes(model_cfg, tensor)),
+                 text, param_sizes(model_cfg, tensor)),
              mfu_ceiling=mfu_ceiling(program, model_cfg, chip, mesh.size), error=None)
   return row
 
