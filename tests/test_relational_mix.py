@@ -1,10 +1,12 @@
 """Issue 12 item 3: relational suite rows from the training split, mixed into Safe-GDPO."""
 import collections
+import json
 
 import numpy as np
 import pytest
 
-from safecrs_jax import saferec
+from configs import demo as demo_config
+from safecrs_jax import checkpoint, gdpo, saferec
 from safecrs_jax import train_loop as loop
 from safecrs_jax.saferec import mini
 from safecrs_jax.saferec.relational import training as T
@@ -104,3 +106,41 @@ def test_settings_follow_the_mix(mix, oracle):
   assert other_ratio.settings != mix.settings
   assert other_seed.settings["fingerprint"] != mix.settings["fingerprint"]
   assert other_ratio.length > mix.length
+
+
+def _gdpo_config(mini_dir, cache, **over):
+  c = demo_config.get_config("stage=gdpo,size=test")
+  c.update_from_flattened_dict(dict({
+      "data.dir": mini_dir, "data.cache_dir": cache, "mesh.num_devices": 1,
+      "gdpo.num_steps": 1, "gdpo.batch_size": 4, "gdpo.batch_unit": "prompts", "gdpo.group_size": 2,
+      "gdpo.max_completion_length": 6, "gdpo.max_prompt_length": 96,
+      "gdpo.prompt_buckets": (96,), "log.progress": False, "log.tensorboard": False}, **over))
+  return c
+
+
+def test_gdpo_trains_on_the_mix(mini_dir, tmp_path):
+  cache = str(tmp_path / "cache")
+  plain = gdpo.Run(_gdpo_config(mini_dir, cache), str(tmp_path / "plain"))
+  assert plain.mix is None and len(plain.rows) == SMALL[("grpo", "train")]
+  assert "relational_mix" not in plain.fingerprint
+  np.testing.assert_array_equal(plain.prompt_indices(0).reshape(-1),
+                                loop.epoch_permutation(plain.config.seed, 0, 24)[:plain.step_prompts])
+  run = gdpo.Run(_gdpo_config(mini_dir, cache, **{"data.relational_mix": 0.5}),
+                 str(tmp_path / "mix"))
+  assert run.mix is not None and len(run.rows) == 24 + len(run.mix.suite_rows)
+  assert run.steps_per_epoch == run.mix.length // run.step_prompts
+  assert run.fingerprint["relational_mix"] == run.mix.settings
+  assert run.fingerprint["settings"] == plain.fingerprint["settings"]
+  with open(tmp_path / "mix" / T.MANIFEST) as f:
+    assert json.load(f)["held_out"] == run.mix.manifest["held_out"]
+  assert run.chunk_prompts >= 3
+  steps = [run.prompt_indices(s) for s in range(run.steps_per_epoch)]
+  assert all(s.shape == (run.chunks, run.chunk_prompts) for s in steps)
+  flat = np.concatenate([s.reshape(-1) for s in steps])
+  np.testing.assert_array_equal(flat, run.mix.order(run.config.seed, 0, run.chunk_prompts)[
+      :len(flat)])
+  run.ckpt.save(1, run.state, run.data_position(1), force=True)
+  run.ckpt.close()
+  other = _gdpo_config(mini_dir, cache, **{"data.relational_mix": 0.25})
+  with pytest.raises(checkpoint.IncompatibleCheckpoint, match="relational_mix"):
+    gdpo.Run(other, str(tmp_path / "mix"))               # a resume with another mix is refused
