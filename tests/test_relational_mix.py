@@ -123,8 +123,8 @@ def test_gdpo_trains_on_the_mix(mini_dir, tmp_path):
   plain = gdpo.Run(_gdpo_config(mini_dir, cache), str(tmp_path / "plain"))
   assert plain.mix is None and len(plain.rows) == SMALL[("grpo", "train")]
   assert "relational_mix" not in plain.fingerprint
-  np.testing.assert_array_equal(plain.prompt_indices(0).reshape(-1),
-                                loop.epoch_permutation(plain.config.seed, 0, 24)[:plain.step_prompts])
+  today = loop.epoch_permutation(plain.config.seed, 0, 24)[:plain.step_prompts]
+  np.testing.assert_array_equal(plain.prompt_indices(0).reshape(-1), today)
   run = gdpo.Run(_gdpo_config(mini_dir, cache, **{"data.relational_mix": 0.5}),
                  str(tmp_path / "mix"))
   assert run.mix is not None and len(run.rows) == 24 + len(run.mix.suite_rows)
