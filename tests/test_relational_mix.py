@@ -40,6 +40,7 @@ def test_training_suite_keeps_set_a_short_distances_and_holds_pairs_out(mix, ora
   assert {r["suite"] for r in suite} == {"disclosure", "multi", "turns", "counterfactual"}
   genres = {r["genre"] for r in mix.rows[:mix.n_plain]}
   assert set(man["held_out"]) == genres          # one pair per genre of the training rows
+  assert {d for d, _ in man["held_out"].values()} <= {"narrative", "choice", "profile"}
   for r in suite:
     d, trait = man["held_out"][r["genre"]]
     assert not ((r["disclosure"] or "explicit") == d and trait in r["hazard_traits"]), r

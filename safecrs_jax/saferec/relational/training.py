@@ -13,7 +13,10 @@ What a training suite keeps (everything else is for testing only):
   - not a held-out pair: per genre, one (disclosure, trait) pair is drawn
     (seeded) and every row of that genre whose disclosure is that one and whose
     `hazard_traits` hold that trait is dropped, so an evaluation can ask whether
-    the model generalises to a combination it never saw. "Genre" is the row's
+    the model generalises to a combination it never saw. The pair is drawn among
+    the implicit disclosures (narrative, choice, profile) where the genre has
+    one: `explicit` is what plain SafeRec rows already teach, and holding it out
+    would also empty the turns, multi and counterfactual parts of that trait. "Genre" is the row's
     `genre` field (SafeRec-mini has one: the genre of the request); rows without
     it form one genre, "(none)". Neutral and decoy twins disclose nothing: a
     counterfactual triple counts as `explicit` (its constrained twin) and is
@@ -70,6 +73,7 @@ def held_out_pairs(rows, seed: int) -> dict:
   out = {}
   for genre in sorted(candidates):
     pairs = sorted(candidates[genre], key=lambda p: (DISCLOSURES.index(p[0]), p[1]))
+    pairs = [p for p in pairs if p[0] != "explicit"] or pairs
     out[genre] = list(pairs[int(rng.integers(len(pairs)))])
   return out
 
