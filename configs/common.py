@@ -100,6 +100,8 @@ def build(*, stage, model_preset="", model_dir="", data_dir=MINI,
   c.data.strict = True           # bad rows abort (True) or are skipped and counted
   c.data.risk_threshold = 0.66   # oracle: final >= threshold is unsafe
   c.data.cache_dir = ""          # where "mini"/"local" are built ("" = ~/.cache/safecrs_jax)
+  c.data.relational_mix = 0.0    # share of training rows from the relational suite (0 = off)
+  c.data.relational_seed = 0     # that suite's make_suite seed (phrasings, twins, held-out pairs)
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = tokenizer_path  # HF tokenizer dir; "" = model.hf_dir; "local" = demo BPE

@@ -34,6 +34,7 @@ from safecrs_jax import (advantages, assets, checkpoint, chips, flops, models, o
                          tokens)
 from safecrs_jax import sharding as shd
 from safecrs_jax import storage
+from safecrs_jax.saferec.relational import training as rel_training
 from safecrs_jax import train_loop as loop
 from safecrs_jax import train_state as ts
 
@@ -150,6 +151,8 @@ class Run:
     self.rows = saferec.load_split(self.data_dir, "train", stage="grpo",
                                    strict=config.data.get("strict", True))
     self.oracle = saferec.load_oracle(self.data_dir, float(config.data.risk_threshold))
+    self.mix = rel_training.from_config(self.rows, self.oracle, config.data)   # None when off
+    self.rows = self.mix.rows if self.mix else self.rows
     if not g.init_checkpoint and jax.process_index() == 0:
       print("gdpo: WARNING: gdpo.init_checkpoint is empty: training from "
             + (f"the base model {config.model.hf_dir}" if config.model.hf_dir else
@@ -170,6 +173,8 @@ class Run:
     self.tx, self.schedule = optim.make_optimizer(config.optim, self.num_steps * self.mu)
     self._build_state(pol.params)
     loop.write_run_files(self.workdir, config, self.model_cfg, self.tokenizer)
+    if self.mix and jax.process_index() == 0:
+      rel_training.write_manifest(self.mix, self.workdir)
     self._jit_steps()
 
   def _batch_geometry(self):
@@ -177,7 +182,7 @@ class Run:
     self.group, self.accum = geo["group"], geo["accum"]
     self.micro_rows, self.step_prompts = geo["micro_rows"], geo["step_prompts"]
     self.chunks, self.chunk_prompts = geo["chunks"], geo["chunk_prompts"]
-    self.steps_per_epoch = len(self.rows) // self.step_prompts
+    self.steps_per_epoch = (self.mix.length if self.mix else len(self.rows)) // self.step_prompts
     if self.steps_per_epoch == 0:
       raise ValueError(f"{len(self.rows)} GDPO prompts < one step of {self.step_prompts} "
                        "(gdpo.batch_size x devices x grad_accum, see gdpo.batch_unit); lower "
@@ -195,7 +200,7 @@ class Run:
         self.config, "gdpo", self.model_cfg, data=provenance.data_fingerprint(self.data_dir),
         tokenizer=provenance.tokenizer_hash(self.tokenizer), init=self.init_identity,
         step_prompts=self.step_prompts, group_size=self.group, mu=self.mu,
-        seed=int(self.config.seed))
+        seed=int(self.config.seed), **({"relational_mix": self.mix.settings} if self.mix else {}))
     self.ckpt = loop.open_checkpointer(self.config, self.workdir)
     self.root_key = jax.random.key(int(self.config.seed))
     copy = jax.jit(lambda p: ts.create(jax.tree.map(jnp.copy, p), self.tx),
@@ -238,7 +243,8 @@ class Run:
   def prompt_indices(self, step):
     """[chunks, chunk_prompts] row indices of loop step `step` (epoch permutation, drop-last)."""
     epoch, index = divmod(int(step), self.steps_per_epoch)
-    perm = loop.epoch_permutation(self.config.seed, epoch, len(self.rows))
+    perm = (self.mix.order(self.config.seed, epoch, self.chunk_prompts) if self.mix else
+            loop.epoch_permutation(self.config.seed, epoch, len(self.rows)))
     return perm[index * self.step_prompts:(index + 1) * self.step_prompts].reshape(
         self.chunks, self.chunk_prompts)
 

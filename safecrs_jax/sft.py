@@ -198,6 +198,8 @@ class Run:
 
   def _load_data(self):
     config = self.config
+    if float(config.data.get("relational_mix", 0.0)):
+      raise ValueError("data.relational_mix > 0 is built for Safe-GDPO only, not Safe-SFT yet")
     oracle = None
     if config.sft.get("curate", True):
       oracle = saferec.load_oracle(self.data_dir, risk_threshold=config.data.risk_threshold)

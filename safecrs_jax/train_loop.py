@@ -61,7 +61,8 @@ def model_fingerprint(model_cfg):
 # Settings that do not change a stage's result: where things go, how often
 # they are logged / saved / validated, how the devices are laid out.
 _NOT_RESULT = {"stage", "log", "checkpoint", "mesh", "eval"}
-_NOT_RESULT_FIELDS = {"data": ("dir", "cache_dir"), "tokenizer": ("path",),
+# data.relational_*: in the fingerprint as relational_mix (the suite's settings) when on
+_NOT_RESULT_FIELDS = {"data": ("dir", "cache_dir", "relational_mix", "relational_seed"), "tokenizer": ("path",),
                       "model": ("remat", "attention", "hf_dir"),
                       "sft": ("eval_every", "eval_batches"), "gdpo": ("init_checkpoint",)}
 

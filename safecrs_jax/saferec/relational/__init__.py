@@ -13,6 +13,8 @@ whether its safety is relational (for this user) or bland (for everyone).
   policies   stand_in_lists(rows, oracle, policy): oracle-driven stand-ins
   report     report(completions, rows, oracle, ks): the metrics (formulas there)
   card       write_card({name: report}, out_dir): JSON, Markdown card, plots
+  training   training_suite / Mix: suite rows from the training split (set A, turns
+             <= 4, held-out pairs) mixed into Safe-GDPO (data.relational_mix)
 
     python -m safecrs_jax.saferec.relational --data_dir=DIR|mini --split=test --out=OUT
 
