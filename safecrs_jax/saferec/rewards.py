@@ -167,11 +167,12 @@ def _count(parsed, rows, oracle, s):
 
 
 def _safe_relevance(parsed, rows, oracle, s):
-  gts = []
-  for row in rows:
-    gt = [(str(t), int(y)) for t, y in row.get("groundtruth_with_release_year") or []]
-    unsafe = oracle.violations([gt], [row.get("constraints")])[0] if gt else []
-    gts.append([g for g, bad in zip(gt, unsafe) if not bad])
+  full = [[(str(t), int(y)) for t, y in row.get("groundtruth_with_release_year") or []]
+          for row in rows]
+  width = max((len(g) for g in full), default=0)
+  unsafe = (oracle.violations(full, [row.get("constraints") for row in rows], width)
+            if width else np.zeros((len(rows), 0), bool))          # one lookup for the batch
+  gts = [[g for g, bad in zip(gt, unsafe[n]) if not bad] for n, gt in enumerate(full)]
   return relevance_reward(parsed, gts, s.rec_num, dcg=(s.relevance == "dcg"),
                           year_order=s.year_order)
 
