@@ -165,7 +165,15 @@ def test_flipped_or_truncated_bytes_are_detected(cache, sft_run, tmp_path):
     with pytest.raises(checkpoint.CheckpointError,
                        match=f"{target} does not match its recorded sha256"):
       call()
-  open(target, "wb").write(bytes(data[:len(data) // 2]))           # truncated
+  # Truncation, read without the sha256 check. Which OCDBT data file holds the params
+  # (rather than the optimizer state, which load_params never reads) is up to
+  # TensorStore, so every data file is cut in half.
+  for d, _, names in os.walk(run / "checkpoints" / "4" / "state"):
+    if os.path.basename(d) == "d":
+      for n in names:
+        f = os.path.join(d, n)
+        blob = open(f, "rb").read()
+        open(f, "wb").write(blob[:len(blob) // 2])
   with pytest.raises(checkpoint.CheckpointError) as err:
     policy.load_params(str(run), verify=False)
   assert "\n" not in str(err.value) and str(run / "checkpoints" / "4") in str(err.value)
