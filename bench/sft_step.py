@@ -59,8 +59,8 @@ def ours(hf, batch, length, iters, repeats):
   tx, sched = optim.make_optimizer(optim_cfg(), 10_000)
   state = jax.jit(lambda p: ts.create(p, tx))(models.init_params(cfg, jax.random.key(0)))
   ids, attn, loss = make_batch(cfg.vocab_size, batch, length)
-  data = jax.device_put({"input_ids": ids[None], "attention_mask": attn[None],
-                         "loss_mask": loss[None]})         # [A=1, B, T]
+  data = steps.TokenBatch(**jax.device_put({"input_ids": ids[None], "attention_mask": attn[None],
+                                           "loss_mask": loss[None]}))   # [A=1, B, T]
   step = jax.jit(functools.partial(steps.sft_train_step, model_cfg=cfg, tx=tx, schedule=sched),
                  donate_argnums=0)
   key = jax.random.key(0)

@@ -102,6 +102,9 @@ def build(*, stage, model_preset="", model_dir="", data_dir=MINI,
   c.data.cache_dir = ""          # where "mini"/"local" are built ("" = ~/.cache/safecrs_jax)
   c.data.relational_mix = 0.0    # share of training rows from the relational suite (0 = off)
   c.data.relational_seed = 0     # that suite's make_suite seed (phrasings, twins, held-out pairs)
+  c.data.relational_parts = ()   # suite parts to train on (() = all: disclosure, multi, turns,
+                                 # counterfactual)
+  c.data.relational_controls = ()  # turn controls (() = all: reminder, revoke, spoof; ("none",) = none)
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = tokenizer_path  # HF tokenizer dir; "" = model.hf_dir; "local" = demo BPE

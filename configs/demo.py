@@ -5,7 +5,9 @@
 
 arg: stage=sft|gdpo, data_dir= (default "mini"), model_dir= (HF dir instead of
 the random-init preset), size=tiny|test ("test" is a 2-layer width-64 model for
-unit tests and smoke runs).
+unit tests and smoke runs), relational=on|off (default on: relational-suite
+rows mixed into both stages, the recipe the demo's verdict is calibrated on;
+off: plain SafeRec rows only, 128/256-token buckets, the recipe before issue 12).
 """
 from configs import common
 
@@ -17,9 +19,13 @@ SIZES = {
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, stage="sft", data_dir=common.MINI, model_dir="", size="tiny")
+  a = common.parse_arg(arg, stage="sft", data_dir=common.MINI, model_dir="", size="tiny",
+                       relational="on")
   if a.size not in SIZES:
     raise ValueError(f"size={a.size!r}; known: {sorted(SIZES)}")
+  if a.relational not in ("on", "off"):
+    raise ValueError(f"relational={a.relational!r}; expected on or off")
+  rel = a.relational == "on"
   c = common.build(stage=a.stage, model_preset="tiny", model_dir=a.model_dir,
                    data_dir=a.data_dir)
   c.model.scan_layers = False        # unrolled layers compile to faster CPU code
@@ -32,8 +38,19 @@ def get_config(arg=None):
   # reproducing a long reasoning preamble (the paper-size configs keep it).
   c.sft.reasoning = False
   c.sft.curate = True                # SafeRec-mini ships the teacher's lists; curate them
-  c.tokenizer.max_length = 256
-  c.tokenizer.buckets = (128, 256)
+  # Relational-suite rows (saferec/relational/training.py) are mixed into both
+  # stages: Safe-SFT learns the implicit and distant disclosures from curated
+  # targets, Safe-GDPO adds the counterfactual twins with the over_filter reward
+  # (neutral / decoy users must keep what the teacher offered them). Suite
+  # prompts run to ~350 tokens, hence the 384 buckets (plain rows stay in the
+  # shorter ones). Turn controls (reminder / revoke / spoof) are test-only here.
+  if rel:
+    c.data.relational_mix = 0.1 if a.stage == "sft" else 0.2
+    c.data.relational_parts = (("disclosure", "turns") if a.stage == "sft" else
+                               ("disclosure", "turns", "counterfactual"))
+    c.data.relational_controls = ("none",)
+  c.tokenizer.max_length = 384 if rel else 256
+  c.tokenizer.buckets = (128, 256, 384) if rel else (128, 256)
 
   c.sft.num_steps = 300              # ~3 minutes on 2 CPU cores
   c.sft.batch_size = 16
@@ -54,12 +71,15 @@ def get_config(arg=None):
   c.gdpo.batch_size = 32             # completions per step: 8 prompts x G = 4
   c.gdpo.grad_accum = 1
   c.gdpo.group_size = 4
-  c.gdpo.max_prompt_length = 128
-  c.gdpo.prompt_buckets = (64, 128)
+  c.gdpo.max_prompt_length = 384 if rel else 128
+  c.gdpo.prompt_buckets = (128, 384) if rel else (64, 128)
+  if rel:
+    c.gdpo.rewards = ("relevance", "safety", "over_filter")
+    c.gdpo.reward_weights = (1.0, 1.0, 1.0)
   c.gdpo.max_completion_length = 96  # lists are ~40 tokens
 
   c.eval.batch_size = 16
   c.eval.max_new_tokens = 128
-  c.eval.max_prompt_length = 128
-  c.eval.prompt_buckets = (64, 128)
+  c.eval.max_prompt_length = 384 if rel else 128
+  c.eval.prompt_buckets = (64, 128, 384) if rel else (64, 128)
   return c

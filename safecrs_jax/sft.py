@@ -30,13 +30,14 @@ from safecrs_jax import sharding as shd
 from safecrs_jax import storage
 from safecrs_jax import train_loop as loop
 from safecrs_jax import train_state as ts
+from safecrs_jax.saferec.relational import training as rel_training
 
 # -- data ---------------------------------------------------------------------
 
 _REASONING = re.compile(r"<reasoning>.*?</reasoning>\s*", re.DOTALL)
 
 
-def prepare_rows(rows, config, oracle=None):
+def prepare_rows(rows, config, oracle=None, *, curate=None):
   """The Safe-SFT curation hook on loaded rows.
 
   sft.curate: the teacher's list minus every item the oracle marks unsafe for
@@ -44,10 +45,11 @@ def prepare_rows(rows, config, oracle=None):
   ground truth are dropped), with the <reasoning> block when sft.reasoning.
   Without curation (targets already curated), sft.reasoning=False strips any
   <reasoning> block. Returns (rows, report); report["dropped"] lists the dropped
-  rows (index in the split, the user's request, its constraints).
+  rows (index in the split, the user's request, its constraints). curate=None
+  reads sft.curate.
   """
   reasoning = bool(config.sft.get("reasoning", True))
-  if config.sft.get("curate", True):
+  if config.sft.get("curate", True) if curate is None else curate:
     if oracle is None:
       raise ValueError("sft.curate needs the safety oracle")
     loaded = rows
@@ -76,8 +78,8 @@ def curation_lines(report, split, limit=5):
   return lines
 
 
-def load_sft_examples(config, tokenizer, data_dir, split, oracle=None):
-  """Loaded, curated and tokenized rows of `split`: (SFTExamples, curation report)."""
+def load_sft_rows(config, data_dir, split, oracle=None):
+  """Loaded and curated rows of `split`: (rows, curation report)."""
   rows = saferec.load_split(data_dir, split, stage="sft",
                             strict=config.data.get("strict", True))
   if config.sft.get("curate", True) and oracle is None:
@@ -85,9 +87,18 @@ def load_sft_examples(config, tokenizer, data_dir, split, oracle=None):
   rows, report = prepare_rows(rows, config, oracle)
   if not rows:
     raise ValueError(f"no SFT rows left in {data_dir} split {split!r} ({report})")
-  examples = tokens.encode_sft(tokenizer, rows, int(config.tokenizer.max_length),
-                               truncation=str(config.tokenizer.get("truncation", "right")))
-  return examples, report
+  return rows, report
+
+
+def encode_rows(config, tokenizer, rows):
+  return tokens.encode_sft(tokenizer, rows, int(config.tokenizer.max_length),
+                           truncation=str(config.tokenizer.get("truncation", "right")))
+
+
+def load_sft_examples(config, tokenizer, data_dir, split, oracle=None):
+  """Loaded, curated and tokenized rows of `split`: (SFTExamples, curation report)."""
+  rows, report = load_sft_rows(config, data_dir, split, oracle)
+  return encode_rows(config, tokenizer, rows), report
 
 
 def _collate(examples, indices, length, sharding, global_shape, axis):
@@ -107,14 +118,17 @@ class Batcher:
   """Global TokenBatches [A, B, T] for step s: epoch s // steps_per_epoch, drop-last.
 
   Every process knows every row's length (so all agree on the bucket T) and
-  collates only the rows its devices hold.
+  collates only the rows its devices hold. `mix` (a relational_training.Mix
+  whose rows are `examples`): its order per epoch instead of the permutation,
+  with a suite unit never split across micro-batches.
   """
 
-  def __init__(self, examples, *, accum, micro, seed, buckets, sharding):
+  def __init__(self, examples, *, accum, micro, seed, buckets, sharding, mix=None):
     self.examples, self.accum, self.micro = examples, int(accum), int(micro)
     self.seed, self.buckets, self.sharding = int(seed), tuple(buckets), sharding
+    self.mix = mix
     self.global_batch = self.accum * self.micro
-    self.steps_per_epoch = len(examples) // self.global_batch
+    self.steps_per_epoch = (mix.length if mix else len(examples)) // self.global_batch
     if self.steps_per_epoch == 0:
       raise ValueError(f"{len(examples)} training rows < one global batch of "
                        f"{self.global_batch} (grad_accum {accum} x micro {micro}); "
@@ -130,7 +144,9 @@ class Batcher:
     """[A, B] row indices of step `step`."""
     epoch, index = self.position(step)
     if epoch not in self._perm_cache:
-      self._perm_cache = {epoch: loop.epoch_permutation(self.seed, epoch, len(self.examples))}
+      self._perm_cache = {epoch: (
+          self.mix.order(self.seed, epoch, self.micro) if self.mix else
+          loop.epoch_permutation(self.seed, epoch, len(self.examples)))}
     perm = self._perm_cache[epoch]
     rows = perm[index * self.global_batch:(index + 1) * self.global_batch]
     return rows.reshape(self.accum, self.micro)
@@ -159,18 +175,20 @@ def eval_batches(examples, *, micro, buckets, sharding, max_batches=-1):
 
 # -- setup --------------------------------------------------------------------
 
-def fingerprint(model_cfg, config, global_batch, *, data, tokenizer, init):
+def fingerprint(model_cfg, config, global_batch, *, data, tokenizer, init, mix=None):
   """What must not change between a checkpoint and the run resuming from it.
 
   The model, the data's and tokenizer's content, the starting weights, every
-  result-changing setting (train_loop.stage_fingerprint) and the global batch.
+  result-changing setting (train_loop.stage_fingerprint), the global batch and,
+  when on, the relational mix's settings (unchanged fingerprint when off).
   """
   lora_cfg = config.sft.lora
   return loop.stage_fingerprint(
       config, "sft", model_cfg, data=data, tokenizer=tokenizer, init=init,
       lora=({"rank": int(lora_cfg.rank), "alpha": float(lora_cfg.alpha),
              "targets": list(lora_cfg.targets)} if int(lora_cfg.rank) else {}),
-      global_batch=int(global_batch), seed=int(config.seed))
+      global_batch=int(global_batch), seed=int(config.seed),
+      **({"relational_mix": mix.settings} if mix else {}))
 
 
 class Run:
@@ -198,14 +216,25 @@ class Run:
 
   def _load_data(self):
     config = self.config
-    if float(config.data.get("relational_mix", 0.0)):
-      raise ValueError("data.relational_mix > 0 is built for Safe-GDPO only, not Safe-SFT yet")
     oracle = None
-    if config.sft.get("curate", True):
+    mixing = float(config.data.get("relational_mix", 0.0)) > 0
+    if config.sft.get("curate", True) or mixing:
       oracle = saferec.load_oracle(self.data_dir, risk_threshold=config.data.risk_threshold)
     self.curation = {}
-    self.train_examples, self.curation["train"] = load_sft_examples(
-        config, self.tokenizer, self.data_dir, "train", oracle)
+    train_rows, self.curation["train"] = load_sft_rows(config, self.data_dir, "train", oracle)
+    # Suite rows from the training rows, always curated for their own constraints (a
+    # neutral twin must not keep a list filtered for its source's). With sft.curate the
+    # source is the teacher's whole list (curate_row reads teacher_completion); without
+    # it, the released completion, already filtered for the source row's constraints.
+    self.mix = rel_training.from_config(
+        train_rows, oracle, config.data,
+        prepare=lambda rows: prepare_rows(rows, config, oracle, curate=True))
+    if self.mix:
+      train_rows = self.mix.rows
+      self.curation["relational_mix"] = self.mix.manifest
+      if jax.process_index() == 0:
+        rel_training.write_manifest(self.mix, self.workdir)
+    self.train_examples = encode_rows(config, self.tokenizer, train_rows)
     self.val_examples, self.curation["validation"] = load_sft_examples(
         config, self.tokenizer, self.data_dir, "validation", oracle)
     self.micro = int(config.sft.batch_size) * shd.data_parallel_size(self.mesh)
@@ -213,7 +242,8 @@ class Run:
     self.eval_sharding = shd.batch_sharding(self.mesh, 2)
     self.batcher = Batcher(self.train_examples, accum=int(config.sft.grad_accum),
                            micro=self.micro, seed=config.seed,
-                           buckets=config.tokenizer.buckets, sharding=self.train_sharding)
+                           buckets=config.tokenizer.buckets, sharding=self.train_sharding,
+                           mix=self.mix)
 
   def _write_curation(self):
     """<workdir>/curation.json: what curation dropped from each split (process 0)."""
@@ -241,7 +271,7 @@ class Run:
         self.model_cfg, config, self.batcher.global_batch,
         data=provenance.data_fingerprint(self.data_dir),
         tokenizer=provenance.tokenizer_hash(self.tokenizer),
-        init=policy.source_identity(config, ""))
+        init=policy.source_identity(config, ""), mix=self.mix)
     self.ckpt = loop.open_checkpointer(config, self.workdir)
     self.root_key = jax.random.key(int(config.seed))
     self.state, self.data_state = loop.restore_or_init(

@@ -62,7 +62,9 @@ def model_fingerprint(model_cfg):
 # they are logged / saved / validated, how the devices are laid out.
 _NOT_RESULT = {"stage", "log", "checkpoint", "mesh", "eval"}
 # data.relational_*: in the fingerprint as relational_mix (the suite's settings) when on
-_NOT_RESULT_FIELDS = {"data": ("dir", "cache_dir", "relational_mix", "relational_seed"), "tokenizer": ("path",),
+_NOT_RESULT_FIELDS = {"data": ("dir", "cache_dir", "relational_mix", "relational_seed",
+                               "relational_parts", "relational_controls"),
+                      "tokenizer": ("path",),
                       "model": ("remat", "attention", "hf_dir"),
                       "sft": ("eval_every", "eval_batches"), "gdpo": ("init_checkpoint",)}
 

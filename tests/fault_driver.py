@@ -22,7 +22,7 @@ from safecrs_jax.evaluation import generate as gen  # noqa: E402
 
 def config_of(spec):
   stage = "gdpo" if spec["stage"] == "gdpo" else "sft"
-  c = demo_config.get_config(f"stage={stage},size=test")
+  c = demo_config.get_config(f"stage={stage},size=test,relational=off")
   c.update_from_flattened_dict(spec.get("config", {}))
   return c
 

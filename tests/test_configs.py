@@ -125,7 +125,7 @@ def test_8b_training_state_fits_the_sharding_rules(mesh_shape):
 
 
 def test_fused_projections_off_on_a_tensor_parallel_mesh():
-  c = demo.get_config("size=test")
+  c = demo.get_config("size=test,relational=off")
   assert policy.model_config(c).fuse_projections is True
   c.mesh.shape = (("data", 1), ("fsdp", -1), ("tensor", 2))
   assert policy.model_config(c).fuse_projections is False

@@ -19,7 +19,7 @@ from safecrs_jax import saferec
 
 
 def _config(cache, **eval_over):
-  c = demo_config.get_config("stage=sft,size=test")
+  c = demo_config.get_config("stage=sft,size=test,relational=off")
   c.data.cache_dir = str(cache)
   c.log.progress = False
   c.eval.max_rows = 12

@@ -27,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _sft_config():
-  c = demo.get_config("stage=sft,size=test")
+  c = demo.get_config("stage=sft,size=test,relational=off")
   c.model.overrides = MODEL
   c.sft.reasoning = False          # bare <solution> lists: short completions, cheap rollouts
   c.tokenizer.max_length = 160
@@ -66,7 +66,7 @@ def demo_gdpo_config(init_checkpoint, **over):
   the list length from drifting down. G = 8 beats G = 4 at equal rollouts per
   step (sharper group baselines). relevance="dcg" was no better than "hit".
   """
-  c = demo.get_config("stage=gdpo,size=test")
+  c = demo.get_config("stage=gdpo,size=test,relational=off")
   c.gdpo.init_checkpoint = init_checkpoint
   c.gdpo.num_steps = 60
   c.gdpo.batch_size = 32             # completions: 4 prompts x G = 8

@@ -9,7 +9,7 @@ from safecrs_jax import chips, metrics_log, sft, train_loop
 
 
 def _config(cache, **log):
-  c = demo.get_config("size=test")
+  c = demo.get_config("size=test,relational=off")
   c.data.cache_dir = cache
   c.tokenizer.max_length, c.tokenizer.buckets = 384, (384,)
   c.sft.num_steps, c.sft.batch_size, c.sft.grad_accum, c.sft.eval_every = 4, 2, 1, 0

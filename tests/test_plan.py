@@ -28,7 +28,7 @@ FIELDS = ("name", "peak_bytes", "hbm_bytes", "fits", "loop_param_all_gathers", "
 
 
 def _config(stage="sft", scan=True, shape=FSDP):
-  c = demo.get_config(f"stage={stage},size=test")
+  c = demo.get_config(f"stage={stage},size=test,relational=off")
   c.model.scan_layers, c.mesh.shape = scan, shape
   return c
 
@@ -177,7 +177,7 @@ def test_tpu_topology_plan_and_refusal():
   c.gdpo.max_completion_length = 128     # splash attention (auto on TPU) needs P + T % 128 == 0
   rows = plan.plan_config(c, devices)
   assert all(r["fits"] for r in rows) and rows[0]["hbm_bytes"] == 16 << 30
-  big = demo.get_config("size=tiny")
+  big = demo.get_config("size=tiny,relational=off")
   big.mesh.shape, big.sft.batch_size = FSDP, 4096         # 16k rows x 256 tokens
   big.tokenizer.max_length, big.tokenizer.buckets = 256, (256,)
   rows = plan.plan_config(big, devices, only=("sft_train",))

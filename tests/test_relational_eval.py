@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(cache, seed=0, **eval_over):
-  c = demo_config.get_config("stage=sft,size=test")
+  c = demo_config.get_config("stage=sft,size=test,relational=off")
   c.data.cache_dir = str(cache)
   c.log.progress = False
   c.seed = seed

@@ -1,4 +1,4 @@
-"""Issue 12 item 3: relational suite rows from the training split, mixed into Safe-GDPO."""
+"""Issue 12 item 3: relational suite rows from the training split, mixed into Safe-SFT and Safe-GDPO."""
 import collections
 import json
 
@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from configs import demo as demo_config
-from safecrs_jax import checkpoint, gdpo, saferec
+from safecrs_jax import checkpoint, gdpo, saferec, sft
 from safecrs_jax import train_loop as loop
 from safecrs_jax.saferec import mini
 from safecrs_jax.saferec.relational import training as T
 
-SMALL = {("sft", "train"): 4, ("sft", "validation"): 2, ("sft", "test"): 2, ("grpo", "train"): 24}
+SMALL = {("sft", "train"): 12, ("sft", "validation"): 2, ("sft", "test"): 2, ("grpo", "train"): 24}
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_settings_follow_the_mix(mix, oracle):
 
 
 def _gdpo_config(mini_dir, cache, **over):
-  c = demo_config.get_config("stage=gdpo,size=test")
+  c = demo_config.get_config("stage=gdpo,size=test,relational=off")
   c.update_from_flattened_dict(dict({
       "data.dir": mini_dir, "data.cache_dir": cache, "mesh.num_devices": 1,
       "gdpo.num_steps": 1, "gdpo.batch_size": 4, "gdpo.batch_unit": "prompts", "gdpo.group_size": 2,
@@ -145,3 +145,71 @@ def test_gdpo_trains_on_the_mix(mini_dir, tmp_path):
   other = _gdpo_config(mini_dir, cache, **{"data.relational_mix": 0.25})
   with pytest.raises(checkpoint.IncompatibleCheckpoint, match="relational_mix"):
     gdpo.Run(other, str(tmp_path / "mix"))               # a resume with another mix is refused
+
+
+def test_parts_and_controls_come_from_the_config(mix, oracle):
+  plain = mix.rows[:mix.n_plain]
+  cfg = {"relational_mix": 0.25, "relational_seed": 3,
+         "relational_parts": ("disclosure", "turns"), "relational_controls": ("none",)}
+  some = T.from_config(plain, oracle, cfg)
+  assert {r["suite"] for r in some.suite_rows} == {"disclosure", "turns"}
+  assert {r["variant"] for r in some.suite_rows} == {"constrained"}
+  assert some.settings["parts"] == ["disclosure", "turns"] and some.settings["controls"] == []
+  assert some.settings["fingerprint"] != mix.settings["fingerprint"]
+  revoke = T.from_config(plain, oracle, dict(cfg, relational_controls=("revoke",)))
+  assert {r["variant"] for r in revoke.suite_rows} == {"constrained", "revoke"}
+  with pytest.raises(ValueError, match="relational_parts"):
+    T.from_config(plain, oracle, dict(cfg, relational_parts=("disclosure", "typo")))
+
+
+def _sft_config(mini_dir, cache, **over):
+  c = demo_config.get_config("stage=sft,size=test,relational=off")
+  c.update_from_flattened_dict(dict({
+      "data.dir": mini_dir, "data.cache_dir": cache, "mesh.num_devices": 1,
+      "sft.num_steps": 1, "sft.batch_size": 4, "tokenizer.max_length": 384,
+      "tokenizer.buckets": (128, 256, 384), "log.progress": False,
+      "log.tensorboard": False}, **over))
+  return c
+
+
+def test_sft_trains_on_curated_suite_rows_with_twins_in_one_micro_batch(mini_dir, oracle,
+                                                                         tmp_path):
+  cache = str(tmp_path / "cache")
+  plain = sft.Run(_sft_config(mini_dir, cache), str(tmp_path / "plain"))
+  assert plain.mix is None and "relational_mix" not in plain.fingerprint
+  run = sft.Run(_sft_config(mini_dir, cache, **{"data.relational_mix": 0.5}),
+                str(tmp_path / "mix"))
+  mix = run.mix
+  n = mix.n_plain
+  assert n == len(plain.train_examples) and len(run.train_examples) == n + len(mix.suite_rows)
+  assert run.fingerprint["relational_mix"] == mix.settings
+  assert run.fingerprint["settings"] == plain.fingerprint["settings"]
+  assert run.batcher.steps_per_epoch == mix.length // run.batcher.global_batch
+  assert json.loads((tmp_path / "mix" / "curation.json").read_text())[
+      "relational_mix"]["curation"]["rows_out"] == len(mix.suite_rows)
+  # targets: curated for the suite row's own constraints; neutral / decoy twins keep
+  # the teacher's whole list (that is the "not bland" signal)
+  by_variant = collections.defaultdict(list)
+  for r in mix.suite_rows:
+    by_variant[r["variant"]].append(r)
+    listed = saferec.parse_recommendations(r["completion"])
+    assert not any(oracle.violated_traits(t, y, r["constraints"]) for t, y in listed), r
+  for r in by_variant["neutral"] + by_variant["decoy"]:
+    assert r["constraints"] == {} or not any(r["constraints"].values())
+    teacher = saferec.parse_recommendations(r["teacher_completion"])
+    assert saferec.parse_recommendations(r["completion"]) == teacher
+  assert any(len(saferec.parse_recommendations(r["completion"])) <
+             len(saferec.parse_recommendations(r["teacher_completion"]))
+             for r in by_variant["constrained"])
+  # a counterfactual triple sits in one micro-batch (all of its rows that survived curation)
+  pair_of = {n + j: r["pair_id"] for j, r in enumerate(mix.suite_rows) if r["pair_id"]}
+  size = collections.Counter(pair_of.values())
+  met = 0
+  for step in range(20 * run.batcher.steps_per_epoch):         # 20 epochs
+    for micro in run.batcher.indices(step):
+      here = collections.Counter(pair_of[int(i)] for i in micro if int(i) in pair_of)
+      assert all(c == size[p] for p, c in here.items()), (step, here)
+      met += len(here)
+  assert met > 0
+  state, (step, metrics, ntok) = run.step(run.state, 0)
+  assert step == 1 and np.isfinite(float(metrics["loss"])) and ntok > 0

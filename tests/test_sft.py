@@ -159,7 +159,7 @@ def cache(tmp_path_factory):
 
 
 def _config(cache, **sft_over):
-  c = demo.get_config("size=test")
+  c = demo.get_config("size=test,relational=off")
   c.data.cache_dir = cache
   c.tokenizer.max_length, c.tokenizer.buckets = 384, (384,)
   c.sft.num_steps, c.sft.batch_size, c.sft.grad_accum = 6, 2, 2

@@ -36,7 +36,7 @@ with open(out, "w") as f:
 
 def config(cache):
   """3 steps of the size=test demo model over every device (one mesh for both layouts)."""
-  c = demo.get_config("size=test")
+  c = demo.get_config("size=test,relational=off")
   c.mesh.num_devices = -1
   c.data.cache_dir = cache
   c.tokenizer.max_length, c.tokenizer.buckets = 384, (384,)

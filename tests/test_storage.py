@@ -99,7 +99,7 @@ def test_save_every_minutes_with_a_fake_clock(tmp_path):
 
 
 def _sft_config(cache, data_dir, steps):
-  c = demo.get_config("size=test")
+  c = demo.get_config("size=test,relational=off")
   c.data.cache_dir, c.data.dir = cache, data_dir
   c.tokenizer.max_length, c.tokenizer.buckets = 256, (256,)
   c.sft.num_steps, c.sft.batch_size, c.sft.grad_accum = steps, 2, 1
@@ -160,7 +160,7 @@ def test_sft_resume_eval_export_and_data_on_the_bucket(bucket, tmp_path):
 def test_gdpo_starts_from_a_bucket_checkpoint(bucket, tmp_path):
   cache = str(tmp_path / "assets")
   sft.train(_sft_config(cache, "mini", 1), "gs://b/sft")
-  c = demo.get_config("stage=gdpo,size=test")
+  c = demo.get_config("stage=gdpo,size=test,relational=off")
   c.data.cache_dir, c.gdpo.init_checkpoint = cache, "gs://b/sft"
   c.gdpo.num_steps, c.gdpo.batch_size, c.gdpo.group_size, c.gdpo.grad_accum = 1, 4, 2, 1
   c.gdpo.max_prompt_length, c.gdpo.prompt_buckets, c.gdpo.max_completion_length = 96, (96,), 8

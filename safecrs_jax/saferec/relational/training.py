@@ -3,10 +3,13 @@
   training_suite(rows, oracle, seed)  the training-safe part of `make_suite` on
                                       training rows, with held-out pairs, + manifest
   Mix(plain_rows, oracle, ratio, seed) plain + suite rows and their per-epoch order
-  from_config(rows, oracle, data_cfg)  a Mix from data.relational_mix / _seed (None at 0)
+  from_config(rows, oracle, data_cfg)  a Mix from data.relational_mix / _seed / _parts /
+                                      _controls (None when the mix is 0)
   write_manifest(mix, workdir)        <workdir>/relational_mix.json
 
 What a training suite keeps (everything else is for testing only):
+  - the parts (`data.relational_parts`, default all four) and turn controls
+    (`data.relational_controls`, default reminder, revoke, spoof) asked for;
   - phrasing set "A" (set B is the test paraphrase set; multi rows that only hold
     the source's own statement, set "source", are plain rows again and dropped);
   - turn_distance <= max_turn_distance (4) or None (parts without distance);
@@ -32,6 +35,12 @@ current batch waits while plain rows fill it; at the end, plain rows drawn at
 random pad the batch). `Mix.length` is the nominal epoch length (an epoch's
 order is at least that long; callers drop the rest at a step boundary, which is
 a multiple of `group`). Deterministic for (seed, epoch).
+
+Safe-SFT passes `prepare` (its curation): suite rows get their targets from the
+teacher's list curated for the suite row's own constraints (a neutral or decoy
+twin keeps the teacher's full list: that is what teaches "not bland"), and a
+suite row left without safe ground truth is dropped, like a plain row. Safe-GDPO
+uses the rows as they are (its rewards read `constraints` and `variant`).
 """
 from __future__ import annotations
 
@@ -42,7 +51,8 @@ import os
 import numpy as np
 
 from safecrs_jax import storage
-from safecrs_jax.saferec.relational.suite import DISCLOSURES, fingerprint, make_suite
+from safecrs_jax.saferec.relational.suite import (CONTROLS, DISCLOSURES, PARTS, fingerprint,
+                                                  make_suite)
 
 TRAINING_SET = "A"
 NO_GENRE = "(none)"
@@ -78,9 +88,11 @@ def held_out_pairs(rows, seed: int) -> dict:
   return out
 
 
-def training_suite(rows, oracle, seed: int, *, max_turn_distance: int = 4):
+def training_suite(rows, oracle, seed: int, *, max_turn_distance: int = 4, parts=PARTS,
+                   controls=CONTROLS):
   """(suite rows, manifest): the training part of the suite built from `rows` (module doc)."""
-  suite, built = make_suite(rows, oracle, seed=seed, return_manifest=True)
+  suite, built = make_suite(rows, oracle, seed=seed, parts=tuple(parts),
+                            controls=tuple(controls), return_manifest=True)
   kept = [r for r in suite if r["phrasing_set"] == TRAINING_SET
           and (r["turn_distance"] is None or r["turn_distance"] <= max_turn_distance)]
   held = held_out_pairs(kept, seed)
@@ -89,6 +101,7 @@ def training_suite(rows, oracle, seed: int, *, max_turn_distance: int = 4):
   out = [r for r in kept if _unit_key(r) not in dropped_units]
   manifest = {
       "seed": int(seed), "phrasing_set": TRAINING_SET, "max_turn_distance": max_turn_distance,
+      "parts": list(parts), "controls": list(controls),
       "held_out": held, "rows": len(out), "built_rows": len(suite),
       "dropped_held_out_rows": len(kept) - len(out),
       "counts": dict(collections.Counter(f"{r['suite']}/{r['variant']}" for r in out)),
@@ -154,11 +167,19 @@ class Mix:
   """Plain rows + the training suite, and the order a trainer walks (module doc)."""
 
   def __init__(self, plain_rows, oracle, ratio: float, seed: int, *,
-               max_turn_distance: int = 4):
+               max_turn_distance: int = 4, parts=PARTS, controls=CONTROLS, prepare=None):
     self.ratio, self.seed = float(ratio), int(seed)
     self.n_plain = len(plain_rows)
     self.suite_rows, self.manifest = training_suite(
-        plain_rows, oracle, self.seed, max_turn_distance=max_turn_distance)
+        plain_rows, oracle, self.seed, max_turn_distance=max_turn_distance, parts=parts,
+        controls=controls)
+    if prepare is not None:       # Safe-SFT curation (module doc)
+      self.suite_rows, report = prepare(self.suite_rows)
+      self.manifest["curation"] = {k: v for k, v in report.items() if k != "dropped"}
+      self.manifest["rows"] = len(self.suite_rows)
+      if not self.suite_rows:
+        raise ValueError("data.relational_mix > 0 but curation left no suite row "
+                         f"({self.manifest['curation']})")
     self.rows = list(plain_rows) + self.suite_rows
     self.length = self.n_plain + suite_target(self.n_plain, len(self.suite_rows), self.ratio)
     self.manifest.update(ratio=self.ratio, plain_rows=self.n_plain, epoch_length=self.length)
@@ -168,7 +189,8 @@ class Mix:
     """What a checkpoint fingerprint must hold: ratio, seed and the suite rows' hash."""
     return {"ratio": self.ratio, "seed": self.seed, "rows": len(self.suite_rows),
             "fingerprint": fingerprint(self.suite_rows), "held_out": self.manifest["held_out"],
-            "max_turn_distance": self.manifest["max_turn_distance"]}
+            "max_turn_distance": self.manifest["max_turn_distance"],
+            "parts": self.manifest["parts"], "controls": self.manifest["controls"]}
 
   def order(self, seed: int, epoch: int, group: int) -> np.ndarray:
     return mixed_order(self.n_plain, self.suite_rows, self.ratio, seed, epoch, group)
@@ -177,13 +199,29 @@ class Mix:
 MANIFEST = "relational_mix.json"
 
 
-def from_config(plain_rows, oracle, data_cfg):
-  """The Mix of data.relational_mix / data.relational_seed, or None when the mix is 0."""
+def _names(data_cfg, key, allowed):
+  got = tuple(data_cfg.get(key, ()) or ()) or allowed
+  bad = [x for x in got if x not in allowed]
+  if bad:
+    raise ValueError(f"data.{key}={got}: {bad} not among {allowed}")
+  return got
+
+
+def from_config(plain_rows, oracle, data_cfg, prepare=None):
+  """The Mix of data.relational_mix / _seed / _parts / _controls, or None when the mix is 0.
+
+  data.relational_parts () = all PARTS; data.relational_controls () = all CONTROLS,
+  ("none",) = no turn controls. `prepare`: see the module doc (Safe-SFT curation).
+  """
   ratio = float(data_cfg.get("relational_mix", 0.0))
   suite_target(1, 0, ratio)   # validates the ratio
   if ratio == 0.0:
     return None
-  return Mix(plain_rows, oracle, ratio, int(data_cfg.get("relational_seed", 0)))
+  parts = _names(data_cfg, "relational_parts", PARTS)
+  controls = tuple(data_cfg.get("relational_controls", ()) or ())
+  controls = () if controls == ("none",) else _names(data_cfg, "relational_controls", CONTROLS)
+  return Mix(plain_rows, oracle, ratio, int(data_cfg.get("relational_seed", 0)), parts=parts,
+             controls=controls, prepare=prepare)
 
 
 def write_manifest(mix, workdir) -> str:
