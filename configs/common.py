@@ -138,6 +138,7 @@ def build(*, stage, model_preset="", model_dir="", data_dir=MINI,
   c.sft.eval_every = 200         # steps between validation-loss passes
   c.sft.eval_batches = 20        # validation micro-batches per pass (-1 = whole split)
   c.sft.curate = False           # reference: released completions verbatim; True = re-curate with the oracle
+  c.sft.backfill = False         # reference: no back-fill; True fills lists back to the teacher's length with safe items the teacher recommended elsewhere
   c.sft.reasoning = True         # keep the <reasoning> block in curated targets
   c.sft.lora = ml_collections.ConfigDict()
   c.sft.lora.rank = 0            # 0 = full fine-tuning

@@ -42,7 +42,8 @@ def prepare_rows(rows, config, oracle=None, *, curate=None):
 
   sft.curate: the teacher's list minus every item the oracle marks unsafe for
   the row's constraints (saferec.curate_sft_rows; rows left with no safe
-  ground truth are dropped), with the <reasoning> block when sft.reasoning.
+  ground truth are dropped), with the <reasoning> block when sft.reasoning;
+  sft.backfill fills the lists back to the teacher's length (off: reference).
   Without curation (targets already curated), sft.reasoning=False strips any
   <reasoning> block. Returns (rows, report); report["dropped"] lists the dropped
   rows (index in the split, the user's request, its constraints). curate=None
@@ -53,7 +54,8 @@ def prepare_rows(rows, config, oracle=None, *, curate=None):
     if oracle is None:
       raise ValueError("sft.curate needs the safety oracle")
     loaded = rows
-    rows, report = saferec.curate_sft_rows(rows, oracle, reasoning=reasoning)
+    rows, report = saferec.curate_sft_rows(rows, oracle, reasoning=reasoning,
+                                           backfill=bool(config.sft.get("backfill", False)))
     report = dict(report, dropped=[_dropped_row(i, loaded[i])
                                    for i in report.pop("dropped_indices")])
     return rows, report

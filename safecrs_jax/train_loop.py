@@ -67,6 +67,10 @@ _NOT_RESULT_FIELDS = {"data": ("dir", "cache_dir", "relational_mix", "relational
                       "tokenizer": ("path",),
                       "model": ("remat", "attention", "hf_dir"),
                       "sft": ("eval_every", "eval_batches"), "gdpo": ("init_checkpoint",)}
+# Settings added after checkpoints were written: left out while at their
+# off value, so those checkpoints still resume (and a run that turns one on
+# refuses to resume them).
+_OMITTED_WHEN = {"sft": {"backfill": False}}
 
 
 def result_settings(config):
@@ -76,7 +80,9 @@ def result_settings(config):
     if key in _NOT_RESULT:
       continue
     if isinstance(value, dict):
-      value = {k: v for k, v in value.items() if k not in _NOT_RESULT_FIELDS.get(key, ())}
+      off = _OMITTED_WHEN.get(key, {})
+      value = {k: v for k, v in value.items() if k not in _NOT_RESULT_FIELDS.get(key, ())
+               and not (k in off and v == off[k])}
     out[key] = value
   return out
 

@@ -8,6 +8,8 @@ synthetic benchmark). The last two are imported on first use.
 import importlib
 
 from safecrs_jax.saferec.curation import (
+    BackfillPool,
+    backfill_pool,
     curate_row,
     curate_sft_rows,
     filter_groundtruth,

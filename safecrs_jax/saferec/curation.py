@@ -2,7 +2,8 @@
 
 For each row, the teacher's ranked list (the row's `completion`, parsed) loses
 every item the oracle marks unsafe for the row's constraints; order is kept,
-nothing is back-filled, unknown movies stay. The target is
+unknown movies stay. By default (the reference) nothing is back-filled, so
+lists shrink. The target is
 
   <reasoning>                                       (optional, on by default)
   The user is sensitive to: <trait>; <trait>.
@@ -22,7 +23,21 @@ when none of its `groundtruth_with_release_year` entries is safe for its
 constraints, i.e. every ground-truth movie is unsafe for the user, or the
 ground truth is empty. Unknown ground-truth movies count as safe. The ground
 truth itself is not rewritten, and rows whose target list ends up empty are
-kept (nothing is back-filled) but counted in the report.
+kept (without back-fill, the default) but counted in the report.
+
+Back-fill (`backfill=True`, off by default; not in the reference): after the
+unsafe items are removed, the list is filled back up to the teacher's length
+(never longer) from a pool (`backfill_pool`) of every (title, year) the
+teacher recommends in the teacher lists of the rows curation keeps (those
+with a safe ground truth; the dropped rows are left out so that curating the
+curated rows again builds the same pool). The pool is ranked by how many of
+those rows' lists hold the item, ties by title, then year; for a row with a
+`genre`, the items from rows of the same genre come first (ranked the same
+way), then the rest. A candidate is used only if the oracle knows it, it
+violates none of the row's constraints, it is not in the list yet (title
+case-insensitively, with the year) and its title is not one of the row's
+`seen_titles` (case-insensitively). If the pool runs out the list stays
+shorter. The reasoning block's count is the final list's length.
 
 Idempotent: a curated row keeps the teacher's text in `teacher_completion`,
 which is read instead of `completion` when present, so curating twice gives
@@ -40,7 +55,7 @@ to both fields, so it is idempotent.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from safecrs_jax.saferec.parsing import completion_text, format_recommendations, parse_recommendations
 from safecrs_jax.saferec.traits import active_traits
@@ -74,6 +89,88 @@ def filter_groundtruth(rows: Sequence[dict], oracle,
   return [filter_row_groundtruth(row, oracle, threshold) for row in rows]
 
 
+def _teacher_text(row: dict, teacher_field: str = "completion") -> str:
+  """The teacher's text: `teacher_completion` (a curated row) or else `teacher_field`."""
+  return completion_text(row["teacher_completion"] if "teacher_completion" in row
+                         else row.get(teacher_field))
+
+
+def _item_key(title: str, year) -> tuple[str, int]:
+  return title.casefold(), year
+
+
+def _ranked(counts: Counter, spelling: dict) -> list[tuple[str, int]]:
+  """Items by row count (most first), ties by title (case-insensitive, then as written), year."""
+  order = sorted(counts, key=lambda k: (-counts[k], k[0], spelling[k][0], k[1]))
+  return [spelling[k] for k in order]
+
+
+class BackfillPool:
+  """The back-fill candidates of one split (module docstring): `candidates(genre)`."""
+
+  def __init__(self, ranked: list[tuple[str, int]],
+               by_genre: dict[str, list[tuple[str, int]]]):
+    self.ranked = ranked          # every item, ranked over all rows
+    self.by_genre = by_genre      # genre -> its rows' items, ranked over those rows
+
+  def candidates(self, genre=None) -> Iterator[tuple[str, int]]:
+    """The same-genre items first (when `genre` has any), then the rest, each once."""
+    first = self.by_genre.get(genre, []) if genre is not None else []
+    yield from first
+    done = {_item_key(t, y) for t, y in first}
+    for title, year in self.ranked:
+      if _item_key(title, year) not in done:
+        yield title, year
+
+
+def backfill_pool(rows: Sequence[dict], teacher_field: str = "completion") -> BackfillPool:
+  """The back-fill pool of `rows`' teacher lists (an item counts once per row)."""
+  counts, spelling = Counter(), {}
+  genre_counts: dict[str, Counter] = {}
+  for row in rows:
+    keys = set()
+    for title, year in parse_recommendations(_teacher_text(row, teacher_field)):
+      key = _item_key(title, year)
+      spelling.setdefault(key, (title, year))   # the first spelling seen
+      keys.add(key)
+    counts.update(keys)
+    genre = row.get("genre")
+    if genre is not None:
+      genre_counts.setdefault(genre, Counter()).update(keys)
+  return BackfillPool(_ranked(counts, spelling),
+                      {g: _ranked(c, spelling) for g, c in genre_counts.items()})
+
+
+def _backfill(kept: list[tuple[str, int]], size: int, row: dict, oracle,
+              pool: BackfillPool) -> list[tuple[str, int]]:
+  """The safe, known, unseen, new pool items to append to `kept` (at most size - len(kept))."""
+  need = size - len(kept)
+  if need <= 0:
+    return []
+  constraints = row.get("constraints") or {}
+  seen = {str(t).casefold() for t in row.get("seen_titles") or ()}
+  present = {_item_key(t, y) for t, y in kept}
+  added = []
+  for title, year in pool.candidates(row.get("genre")):
+    key = _item_key(title, year)
+    if key in present or title.casefold() in seen or oracle.resolve(title, year) < 0:
+      continue
+    if oracle.violated_traits(title, year, constraints):
+      continue
+    added.append((title, year))
+    present.add(key)
+    if len(added) == need:
+      break
+  return added
+
+
+def _safe_gt(row: dict, oracle) -> int:
+  """How many of the row's ground-truth items are safe for its constraints."""
+  constraints = row.get("constraints") or {}
+  return sum(1 for t, y in row.get("groundtruth_with_release_year") or ()
+             if not oracle.violated_traits(t, y, constraints))
+
+
 def reasoning_block(traits: Sequence[str], removed: Sequence[tuple[str, int, str]],
                     remaining: int, max_listed: int = MAX_LISTED) -> str:
   """The `<reasoning>` text naming sensitivities, removed titles (<= max_listed) and the safe count."""
@@ -89,11 +186,13 @@ def reasoning_block(traits: Sequence[str], removed: Sequence[tuple[str, int, str
 
 
 def curate_row(row: dict, oracle, *, reasoning: bool = True, max_listed: int = MAX_LISTED,
-               teacher_field: str = "completion") -> tuple[dict, dict]:
-  """One row -> (curated row, facts). Facts: kept, removed [(title, year, trait)], unknown, safe_gt."""
+               teacher_field: str = "completion",
+               pool: BackfillPool | None = None) -> tuple[dict, dict]:
+  """One row -> (curated row, facts). Facts: kept, removed [(title, year, trait)], unknown,
+  safe_gt, backfilled (the appended items; back-fill from `pool` when given, else none).
+  """
   constraints = row.get("constraints") or {}
-  source = row["teacher_completion"] if "teacher_completion" in row else row.get(teacher_field)
-  teacher = completion_text(source)
+  teacher = _teacher_text(row, teacher_field)
   kept, removed, unknown = [], [], 0
   for title, year in parse_recommendations(teacher):
     violated = oracle.violated_traits(title, year, constraints)
@@ -102,34 +201,42 @@ def curate_row(row: dict, oracle, *, reasoning: bool = True, max_listed: int = M
     else:
       kept.append((title, year))
       unknown += oracle.resolve(title, year) < 0
-  safe_gt = sum(1 for t, y in row.get("groundtruth_with_release_year") or ()
-                if not oracle.violated_traits(t, y, constraints))
-  target = format_recommendations(kept)
+  safe_gt = _safe_gt(row, oracle)
+  backfilled = [] if pool is None else _backfill(kept, len(kept) + len(removed), row, oracle, pool)
+  final = kept + backfilled
+  target = format_recommendations(final)
   if reasoning:
-    target = reasoning_block(active_traits(constraints), removed, len(kept), max_listed) + "\n" + target
+    target = reasoning_block(active_traits(constraints), removed, len(final), max_listed) + "\n" + target
   out = dict(row)
   out["teacher_completion"] = teacher
   out["completion"] = target
-  return out, {"kept": kept, "removed": removed, "unknown": unknown, "safe_gt": safe_gt}
+  return out, {"kept": kept, "removed": removed, "unknown": unknown, "safe_gt": safe_gt,
+               "backfilled": backfilled}
 
 
 def curate_sft_rows(rows: Sequence[dict], oracle, *, reasoning: bool = True,
-                    max_listed: int = MAX_LISTED, teacher_field: str = "completion"):
+                    max_listed: int = MAX_LISTED, teacher_field: str = "completion",
+                    backfill: bool = False):
   """Curate Safe-SFT rows (module docstring). Returns (rows, report).
 
   Each kept row gets `completion` = the safe target and `teacher_completion`
-  = the teacher's text (kept as is if the row already has one).
+  = the teacher's text (kept as is if the row already has one). backfill:
+  fill lists back to the teacher's length from `backfill_pool` of the kept
+  rows (off by default, as in the reference).
   Report: rows_in, rows_out, rows_dropped_no_safe_gt, rows_empty_target,
-  items_in, items_removed, items_unknown_kept, removed_by_trait {trait: n},
-  dropped_indices (input row indices).
+  items_in, items_removed, items_unknown_kept, items_backfilled,
+  removed_by_trait {trait: n}, dropped_indices (input row indices).
   """
   out = []
   report = {"rows_in": len(rows), "rows_out": 0, "rows_dropped_no_safe_gt": 0,
             "rows_empty_target": 0, "items_in": 0, "items_removed": 0,
-            "items_unknown_kept": 0, "removed_by_trait": Counter(), "dropped_indices": []}
+            "items_unknown_kept": 0, "items_backfilled": 0, "removed_by_trait": Counter(),
+            "dropped_indices": []}
+  pool = (backfill_pool([r for r in rows if _safe_gt(r, oracle)], teacher_field)
+          if backfill else None)
   for i, row in enumerate(rows):
     curated, facts = curate_row(row, oracle, reasoning=reasoning, max_listed=max_listed,
-                                teacher_field=teacher_field)
+                                teacher_field=teacher_field, pool=pool)
     report["items_in"] += len(facts["kept"]) + len(facts["removed"])
     report["items_removed"] += len(facts["removed"])
     report["items_unknown_kept"] += facts["unknown"]
@@ -138,7 +245,8 @@ def curate_sft_rows(rows: Sequence[dict], oracle, *, reasoning: bool = True,
       report["rows_dropped_no_safe_gt"] += 1
       report["dropped_indices"].append(i)
       continue
-    report["rows_empty_target"] += not facts["kept"]
+    report["items_backfilled"] += len(facts["backfilled"])
+    report["rows_empty_target"] += not (facts["kept"] or facts["backfilled"])
     out.append(curated)
   report["rows_out"] = len(out)
   report["removed_by_trait"] = dict(report["removed_by_trait"])
