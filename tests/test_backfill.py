@@ -155,7 +155,7 @@ def test_report_counts_every_appended_item(oracle):
 
 
 def test_prepare_rows_and_fingerprint(oracle):
-  c = demo.get_config("size=test")
+  c = demo.get_config("size=test,relational=off")
   assert c.sft.backfill is False
   base = train_loop.result_settings(c)
   assert "backfill" not in base["sft"]                 # old checkpoints' fingerprint unchanged
