@@ -107,6 +107,7 @@ def main(argv=None):
   ap.add_argument("--iters", type=int, default=3)
   ap.add_argument("--repeats", type=int, default=4)
   args = ap.parse_args(argv)
+  load0 = os.getloadavg()
   out = {"sizes": {}, "timing": f"best of {args.iters * args.repeats} timed steps each, "
          f"{args.repeats} interleaved rounds (ours, pytorch, ...), after 2 warm-up steps; "
          "shared machine: best = least disturbed",
@@ -122,6 +123,8 @@ def main(argv=None):
   out["peak_estimate_gflops"] = round(est["gflops"], 1)
   out["peak_estimate_how"] = (f"{est['cores']} cores x {est['flops_per_cycle_per_core']} "
                               f"f32 flops/cycle x {est['clock_ghz']} GHz ({est['how']})")
+  out["loadavg"] = {"before": [round(x, 2) for x in load0],   # the machine is shared
+                    "after": [round(x, 2) for x in os.getloadavg()], "cores": os.cpu_count()}
   print(json.dumps(out, indent=2))
   return out
 

@@ -105,6 +105,7 @@ def main(argv=None):
   ap.add_argument("--iters", type=int, default=3)
   ap.add_argument("--repeats", type=int, default=3)
   args = ap.parse_args(argv)
+  load0 = os.getloadavg()
   out = {"what": "full SFT step: forward, masked CE, backward, clip, AdamW (float32)",
          "sizes": {}, "timing": f"best of {args.iters * args.repeats} timed steps after 2 "
          "warm-up steps (shared machine: best = least disturbed)",
@@ -137,6 +138,8 @@ def main(argv=None):
       row[key]["share_of_peak"] = round(row[key]["gflops"] / out["peak_gflops"], 3)
       row[key]["share_of_nominal_peak"] = round(
           row[key]["gflops"] / out["peak_estimate_gflops"], 3)
+  out["loadavg"] = {"before": [round(x, 2) for x in load0],   # the machine is shared
+                    "after": [round(x, 2) for x in os.getloadavg()], "cores": os.cpu_count()}
   print(json.dumps(out, indent=2))
   return out
 

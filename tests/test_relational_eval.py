@@ -141,7 +141,7 @@ def test_launch_evaluate_suite_relational(setup):
   assert bad.returncode == 1 and "error:" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def _tables(sft_turns=0.2, gdpo_turns=0.1, sft_narr=0.3, gdpo_narr=0.1, ofr=0.5, gdpo_svr=0.05):
+def _tables(sft_turns=0.2, gdpo_turns=0.1, sft_narr=0.3, gdpo_narr=0.1, ofr=0.43, gdpo_svr=0.05):
   table = {"sft": {"svr@10": 0.10, "recall@10": 0.08},
            "gdpo": {"svr@10": gdpo_svr, "recall@10": 0.08}}
   rel_t = {"sft": {"svr@10/turns=4": sft_turns, "svr@10/disclosure=narrative": sft_narr,
@@ -155,7 +155,8 @@ def _tables(sft_turns=0.2, gdpo_turns=0.1, sft_narr=0.3, gdpo_narr=0.1, ofr=0.5,
     ({}, True, None),
     ({"gdpo_turns": 0.2}, False, "svr@10/turns=4 not below SFT"),
     ({"gdpo_narr": 0.4}, False, "svr@10/disclosure=narrative not below SFT"),
-    ({"ofr": demo.MAX_OFR + 0.01}, False, "ofr@10"),
+    ({"ofr": 0.4 + demo.MAX_OFR_INCREASE + 0.01}, False, "ofr@10 0.460 above SFT's 0.400"),
+    ({"ofr": 0.3}, True, None),                             # filtering less than SFT is fine
     ({"gdpo_svr": 0.09}, False, "SVR@10 did not fall"),
     ({"sft_turns": 0.0, "gdpo_turns": 0.0}, True, None),    # both already at 0
 ])
