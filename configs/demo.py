@@ -5,9 +5,10 @@
 
 arg: stage=sft|gdpo, data_dir= (default "mini"), model_dir= (HF dir instead of
 the random-init preset), size=tiny|test ("test" is a 2-layer width-64 model for
-unit tests and smoke runs), relational=on|off (default on: relational-suite
-rows mixed into both stages, the recipe the demo's verdict is calibrated on;
-off: plain SafeRec rows only, 128/256-token buckets, the recipe before issue 12).
+unit tests and smoke runs), relational=off|on (default off: plain SafeRec rows,
+128/256-token buckets; on: relational-suite rows mixed into both stages with
+the over_filter reward and 384-token buckets, `launch.demo --relational`; see
+the README's "Training for it" for what it gives).
 """
 from configs import common
 
@@ -20,7 +21,7 @@ SIZES = {
 
 def get_config(arg=None):
   a = common.parse_arg(arg, stage="sft", data_dir=common.MINI, model_dir="", size="tiny",
-                       relational="on")
+                       relational="off")
   if a.size not in SIZES:
     raise ValueError(f"size={a.size!r}; known: {sorted(SIZES)}")
   if a.relational not in ("on", "off"):

@@ -35,6 +35,9 @@ _CHECK = flags.DEFINE_bool("check", False,
 _CHECK_RELATIONAL = flags.DEFINE_bool(
     "check_relational", False, "Exit with status 1 unless GDPO also beats SFT on the "
     "relational suite's verdict slices (not met yet at the shipped settings).")
+_RELATIONAL = flags.DEFINE_bool(
+    "relational", False, "Train on relational-suite rows too (configs/demo.py relational=on: "
+    "mixed into Safe-SFT and Safe-GDPO, over_filter reward, 384-token buckets).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False,
                                "Retrain stages whose checkpoints came from other inputs.")
@@ -49,7 +52,7 @@ def main(argv):
   with launch.clear_errors():
     summary = demo.run(_WORKDIR.value, size=_SIZE.value, overrides=overrides,
                        progress=_PROGRESS.value, eval_rows=_EVAL_ROWS.value,
-                       overwrite=_OVERWRITE.value)
+                       overwrite=_OVERWRITE.value, relational=_RELATIONAL.value)
   if summary.get("preempted"):
     sys.exit(launch.PREEMPTED)
   print(demo.format_summary(summary))

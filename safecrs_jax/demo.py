@@ -18,11 +18,13 @@ Steps (each resumable: re-running the command skips finished stages):
   7. A table (<workdir>/summary.md, summary.json) and a verdict: does GDPO cut
      SVR@10 clearly below SFT without Recall@10 collapsing, and beat SFT on the
      relational SVR@10 at 4 turns and for narrative disclosures with OFR@10 at
-     most MAX_OFR? A run that does not says so, with each figure.
+     most SFT's + MAX_OFR_INCREASE? A run that does not says so, with each figure.
      summary["verdict_ok"] is the SafeRec check alone, summary["relational_ok"]
      both. At the shipped settings the relational part is NOT met yet (GDPO ties
-     SFT on both slices; see the README): `launch.demo --check` (CI) requires
-     the SafeRec check, `--check_relational` both.
+     SFT on both slices); with `relational=True` (suite rows in training) it is,
+     but the SafeRec part is not (see the README's "Training for it"):
+     `launch.demo --check` (CI) requires the SafeRec check, `--check_relational`
+     both.
 
 Re-running with other settings never mixes models: every stage resumes only
 from a checkpoint with the same fingerprint (data, tokenizer, settings, and
@@ -66,11 +68,13 @@ RELATIONAL_SOURCES = 8   # suite source rows (~34 suite rows each; ~3 min for 4 
 ROWS = ("base", "sft", "gdpo", "grpo")
 
 
-def get_configs(size="tiny", overrides=None):
-  """(sft_config, gdpo_config, grpo_config) of configs/demo.py for `size`."""
+def get_configs(size="tiny", overrides=None, relational=False):
+  """(sft_config, gdpo_config, grpo_config) of configs/demo.py for `size` (relational=on
+  with `relational`: suite rows mixed into training)."""
   out = []
   for stage, mode in (("sft", None), ("gdpo", "gdpo"), ("gdpo", "grpo")):
-    c = demo_config.get_config(f"stage={stage},size={size}")
+    c = demo_config.get_config(f"stage={stage},size={size},"
+                               f"relational={'on' if relational else 'off'}")
     if mode:
       c.gdpo.advantage_mode = mode
     for key, value in (overrides or {}).items():
@@ -192,12 +196,14 @@ def _main_verdict(table):
   return False, "NOT SHOWN in this run: " + "; ".join(why) + "."
 
 
-def run(workdir, *, size="tiny", overrides=None, progress=True, eval_rows=-1, overwrite=False):
+def run(workdir, *, size="tiny", overrides=None, progress=True, eval_rows=-1, overwrite=False,
+        relational=False):
   """Runs the whole pipeline in `workdir`; returns the summary dict ({"preempted": True, ...}
   when a stage was stopped by SIGTERM: rerun to resume).
 
   overwrite: stage runs whose checkpoints came from other inputs are discarded
   and trained again (default: stop with provenance.ProvenanceError).
+  relational: the relational training recipe (configs/demo.py relational=on).
   """
   t0 = time.time()
   workdir = os.path.abspath(workdir)
@@ -210,7 +216,7 @@ def run(workdir, *, size="tiny", overrides=None, progress=True, eval_rows=-1, ov
   overrides.setdefault("eval.relational_max_sources", RELATIONAL_SOURCES)
   if eval_rows > 0:
     overrides.setdefault("eval.max_rows", eval_rows)
-  sft_cfg, gdpo_cfg, grpo_cfg = get_configs(size, overrides)
+  sft_cfg, gdpo_cfg, grpo_cfg = get_configs(size, overrides, relational)
   timings = {}
 
   t = time.time()

@@ -131,3 +131,21 @@ def test_fused_projections_off_on_a_tensor_parallel_mesh():
   assert policy.model_config(c).fuse_projections is False
   c.mesh.shape = (("data", 1), ("fsdp", 2), ("tensor", -1))   # "the rest" may be > 1
   assert policy.model_config(c).fuse_projections is False
+
+
+def test_demo_relational_recipe_is_opt_in():
+  from safecrs_jax import demo as demo_run
+  plain = demo_run.get_configs("test")
+  rel = demo_run.get_configs("test", relational=True)
+  for c in plain:
+    assert c.data.relational_mix == 0.0 and c.tokenizer.max_length == 256
+    assert "over_filter" not in c.gdpo.rewards
+  sft_c, gdpo_c, grpo_c = rel
+  assert sft_c.data.relational_mix == 0.1 and gdpo_c.data.relational_mix == 0.2
+  assert "counterfactual" not in sft_c.data.relational_parts
+  assert "counterfactual" in gdpo_c.data.relational_parts
+  assert gdpo_c.gdpo.rewards == grpo_c.gdpo.rewards == ("relevance", "safety", "over_filter")
+  assert len(gdpo_c.gdpo.reward_weights) == 3 and grpo_c.gdpo.advantage_mode == "grpo"
+  assert max(gdpo_c.gdpo.prompt_buckets) == gdpo_c.gdpo.max_prompt_length == 384
+  with pytest.raises(ValueError, match="relational='maybe'"):
+    demo.get_config("relational=maybe")
