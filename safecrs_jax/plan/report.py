@@ -39,9 +39,9 @@ autodiff of one fused matmul sliced a single [in, sum out] gradient, which the
 compiler all-reduced whole (its simplifier merges the slices into the
 per-device slice of the all-reduce, which then no longer matches a
 reduce-scatter); (2) the compiler all-reduces small gradients anyway: at width 64
-(the plain test size) every per-layer gradient is all-reduced. Still open: with
-sft.grad_accum > 1 the embedding lookup's gradient (a scatter-add in the
-accumulation loop) is all-reduced at full size (full_all_reduces 1). Constraining the
+(the plain test size) every per-layer gradient is all-reduced, and at width 128
+with sft.grad_accum > 1 the embedding lookup's gradient (its per-device piece 32
+lanes wide) is (full_all_reduces 1; 0 at width 512). Constraining the
 layer weights, the accumulation carry or the micro-batch gradients to their FSDP
 layout changes neither. XLA:CPU has no reduce-scatter pass: cpu:N rows show every
 reduction as an all-reduce.
