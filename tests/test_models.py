@@ -244,6 +244,28 @@ def test_remat_gradients_equal():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
 
 
+def test_fused_projection_gradients_equal_unfused_one_matmul_per_kernel():
+  """layers.fused_dot: the fused forward, each kernel's gradient from its own matmul (so
+  FSDP can reduce-scatter it, plan/report.py); values equal the unfused projections'."""
+  from safecrs_jax.models import layers
+  keys = jax.random.split(jax.random.key(3), 4)
+  x = jax.random.normal(keys[0], (12, 16))
+  ks = [jax.random.normal(k, (16, n)) for k, n in zip(keys[1:], (16, 8, 8))]
+
+  def loss(x, ks, fused):
+    ys = layers.fused_dot(x, *ks) if fused else [x @ k for k in ks]
+    return sum(jnp.sum(jnp.tanh(y) * (i + 1)) for i, y in enumerate(ys))
+  for argnums in ((0, 1), 0, 1):          # input and kernels, input only, kernels only
+    got = jax.grad(loss, argnums)(x, ks, True)
+    want = jax.grad(loss, argnums)(x, ks, False)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                 got, want)
+  policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  jaxpr = str(jax.make_jaxpr(jax.grad(jax.checkpoint(
+      lambda ks: loss(x, ks, True), policy=policy)))(ks))
+  assert jaxpr.count("dot_general") == 1 + len(ks)   # forward (saved, not recomputed) + one per kernel
+
+
 def test_param_logical_axes_cover_every_param():
   cfg = models.ModelConfig.from_hf(_hf_config("qwen2").to_dict())
   axes = models.param_logical_axes(cfg)

@@ -133,12 +133,13 @@ def test_gradient_reductions_counts_reduce_scatters_and_full_all_reduces():
 ENTRY %main (a: f32[64,64], b: f32[128,64], c: f32[]) -> f32[16,64] {
   %f = f32[16,64]{1,0} fusion(%a), kind=kCustom, calls=%all-reduce-scatter
   %rs = f32[32,64]{1,0} reduce-scatter(%b), dimensions={0}, to_apply=%add
+  %g = (f32[16,64]{1,0}, f32[32,64]{1,0}) fusion(%a, %b), kind=kCustom, calls=%all-reduce-scatter.2
   %ar.2 = (f32[128,64]{1,0}, f32[64,64]{1,0}, f32[5]{0}) all-reduce(%b, %a, %x), to_apply=%add
   %ar.3 = f32[] all-reduce(%c), to_apply=%add
 }
 """
   got = plan.gradient_reductions(hlo, {64 * 64, 128 * 64})
-  assert got == {"reduce_scatter": 2, "full_all_reduces": 2}
+  assert got == {"reduce_scatter": 4, "full_all_reduces": 2}   # the tuple fusion scatters 2
 
 
 def test_train_rows_report_gradient_reductions_on_cpu():
@@ -188,14 +189,22 @@ def test_tpu_topology_plan_and_refusal():
 
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu not installed (pip install -e '.[plan]')")
 def test_fsdp_gradients_reduce_scatter_on_tpu():
-  """The TPU compiler reduce-scatters FSDP gradients (fused all-reduce-scatter); the
-  per-layer gradients of the backward loop are still all-reduced at full size (counted,
-  see plan/report.py: the known gap)."""
-  (row,) = plan.plan_config(_config(), plan.topology_devices("v5litepod-4"),
-                            only=("sft_train",))
-  red = row["gradient_reductions"]
-  assert red["reduce_scatter"] >= 1
-  assert isinstance(red["full_all_reduces"], int)
+  """Under FSDP the TPU compiler reduce-scatters every weight gradient (fused
+  all-reduce-scatter), the decoder layers' inside the backward loop included, scanned or
+  unrolled: none is all-reduced at full size. The fused q|k|v and gate|up matmuls get one
+  gradient per kernel for this (layers.fused_dot; one sliced fused gradient was
+  all-reduced whole). The test model is widened to 128: at width 64 the compiler
+  all-reduces the tiny per-layer gradients anyway (plan/report.py)."""
+  devices = plan.topology_devices("v5litepod-4")
+  for scan in (True, False):
+    c = _config(scan=scan)
+    c.model.overrides = tuple(dict(c.model.overrides, hidden_size=128, intermediate_size=256,
+                                   head_dim=32).items())
+    (row,) = plan.plan_config(c, devices, only=("sft_train",))
+    red = row["gradient_reductions"]
+    layers = 1 if scan else dict(c.model.overrides)["num_layers"]  # the scan body: once
+    assert red["full_all_reduces"] == 0, (scan, red)
+    assert red["reduce_scatter"] >= 7 * layers + 1, (scan, red)   # q k v o gate up down, embedding
 
 
 def test_preflight_skips_cpu_devices():

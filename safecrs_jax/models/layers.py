@@ -132,6 +132,42 @@ class DenseParams(nn.Module):
     return Weights(kernel, bias, adapter)
 
 
+def _split_cols(y: Array, kernels) -> list:
+  return jnp.split(y, np.cumsum([k.shape[1] for k in kernels])[:-1].tolist(), axis=1)
+
+
+@jax.custom_jvp
+def fused_dot(x2: Array, *kernels: Array) -> tuple:
+  """[x2 @ k for k in kernels] as one matmul over the kernels concatenated [in, sum out].
+
+  The JVP (so the VJP) keeps the input gradient fused (one matmul against the
+  concatenation) but forms each kernel's gradient by its own matmul x2^T @ dy_k.
+  Autodiff of the plain concat-then-slice would slice one [in, sum out] gradient,
+  and under FSDP the TPU compiler then all-reduces that whole gradient at full size
+  (its slices of the all-reduce's per-device piece no longer match a reduce-scatter);
+  per-kernel gradients are reduce-scattered. Same values either way.
+  """
+  return tuple(_split_cols(jnp.dot(x2, jnp.concatenate(kernels, axis=1)), kernels))
+
+
+def _fused_dot_jvp(primals, tangents):
+  x2, *kernels = primals
+  dx2, *dks = tangents
+  cat = jnp.concatenate(kernels, axis=1)
+  ys = _split_cols(jnp.dot(x2, cat), kernels)
+  zero = jax.custom_derivatives.SymbolicZero
+  outs = (_split_cols(jnp.dot(dx2, cat), kernels) if not isinstance(dx2, zero)
+          else [None] * len(kernels))
+  for i, dk in enumerate(dks):
+    if not isinstance(dk, zero):
+      d = jnp.dot(x2, dk)
+      outs[i] = d if outs[i] is None else outs[i] + d
+  return tuple(ys), tuple(jnp.zeros_like(y) if t is None else t for y, t in zip(ys, outs))
+
+
+fused_dot.defjvp(_fused_dot_jvp, symbolic_zeros=True)
+
+
 def dense(x: Array, weights: list, cfg: ModelConfig, fuse: bool) -> list:
   """[x @ kernel (+ bias) (+ adapter delta) for each Weights] in cfg.dtype.
 
@@ -143,9 +179,7 @@ def dense(x: Array, weights: list, cfg: ModelConfig, fuse: bool) -> list:
   dt = dtype_of(cfg.dtype)
   x2 = x.reshape(-1, x.shape[-1])                                     # [rows, in]
   if fuse and len(weights) > 1:
-    sizes = [w.kernel.shape[1] for w in weights]
-    kernel = jnp.concatenate([w.kernel for w in weights], axis=1).astype(dt)
-    ys = jnp.split(jnp.dot(x2, kernel), np.cumsum(sizes)[:-1].tolist(), axis=1)
+    ys = fused_dot(x2, *[w.kernel.astype(dt) for w in weights])
   else:
     ys = [jnp.dot(x2, w.kernel.astype(dt)) for w in weights]
   out = []

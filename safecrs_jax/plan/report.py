@@ -25,16 +25,26 @@ generate program should have none; an FSDP training step has them by design
 (weights are gathered layer by layer).
 
 gradient_reductions (train programs): how the compiled step reduces
-parameter-sized arrays across devices. reduce_scatter counts reduce-scatters
-(TPU fuses them as "all-reduce-scatter" fusions); full_all_reduces counts
-parameter-sized arrays (whole, or one layer's slice) all-reduced at full size
-outside such fusions. Under FSDP every gradient should be reduce-scattered
+parameter-sized arrays across devices. reduce_scatter counts the arrays
+reduce-scattered (TPU fuses them as "all-reduce-scatter" fusions, often one
+fusion for all of a layer's gradients); full_all_reduces counts arrays of the
+size of a sharded parameter (a matrix, whole or one layer's slice; not the
+norm scales and biases, which FSDP replicates) all-reduced at full size outside
+such fusions. Under FSDP every weight gradient should be reduce-scattered
 (full_all_reduces 0). Seen (2026-12, jax 0.10.2, libtpu 0.0.52, v5litepod-4,
-demo test size): the embedding / head gradient is reduce-scattered, each decoder
-layer's gradients are all-reduced at full size inside the backward loop
-(twice the traffic of a reduce-scatter; constraining the layer weights or the
-accumulation carry to their FSDP layout did not change it). XLA:CPU has no
-reduce-scatter pass: cpu:N rows show every reduction as an all-reduce.
+demo test model at width 128, scanned or unrolled layers): every weight gradient
+is reduce-scattered, full_all_reduces 0. Two things decide it: (1) the fused
+q|k|v and gate|up kernels get one gradient matmul per kernel (layers.fused_dot);
+autodiff of one fused matmul sliced a single [in, sum out] gradient, which the
+compiler all-reduced whole (its simplifier merges the slices into the
+per-device slice of the all-reduce, which then no longer matches a
+reduce-scatter); (2) the compiler all-reduces small gradients anyway: at width 64
+(the plain test size) every per-layer gradient is all-reduced, and at width 128
+with sft.grad_accum > 1 the embedding lookup's gradient (its per-device piece 32
+lanes wide) is (full_all_reduces 1; 0 at width 512). Constraining the
+layer weights, the accumulation carry or the micro-batch gradients to their FSDP
+layout changes neither. XLA:CPU has no reduce-scatter pass: cpu:N rows show every
+reduction as an all-reduce.
 """
 from __future__ import annotations
 
@@ -53,6 +63,7 @@ _SHAPE = re.compile(r"[a-z]+\d*\[([\d,]*)\]")
 _GATHER = re.compile(r"=\s*(.*?)\s(all-gather(?:-start)?)\(")
 _ALL_REDUCE = re.compile(r"=\s*(.*?)\sall-reduce(?:-start)?\(")
 _REDUCE_SCATTER = re.compile(r"\sreduce-scatter(?:-start)?\(|calls=%?all-reduce-scatter")
+_RS_RESULT = re.compile(r"=\s*(.*?)\s(?:reduce-scatter(-start)?|fusion)\(")
 
 
 def _computations(hlo: str) -> dict:
@@ -97,14 +108,19 @@ def eval_size(dims: str) -> int:
   return out
 
 
-def param_sizes(model_cfg, tensor=1) -> set:
-  """Element counts that identify a parameter: whole, one layer of it, its tensor shard."""
+def param_sizes(model_cfg, tensor=1, matrices=False) -> set:
+  """Element counts that identify a parameter: whole, one layer of it, its tensor shard.
+
+  Parameters of one dimension are left out; matrices=True also leaves out the
+  scanned stacks of them ([L, D] norm scales, [L, out] biases), which FSDP does
+  not shard, so their gradients are all-reduced by design.
+  """
   sizes = set()
   for path, leaf in jax.tree_util.tree_leaves_with_path(models.abstract_params(model_cfg)):
-    if len(leaf.shape) < 2:
+    layered = any(getattr(k, "key", None) == "layers" for k in path)
+    if len(leaf.shape) - (layered and matrices) < 2:
       continue
     n = int(leaf.size)
-    layered = any(getattr(k, "key", None) == "layers" for k in path)
     for m in {n, n // leaf.shape[0] if layered else n}:
       sizes.update({m, m // max(tensor, 1)})
   return sizes
@@ -128,6 +144,9 @@ def loop_param_all_gathers(hlo: str, sizes: set) -> int:
 def gradient_reductions(hlo: str, sizes: set) -> dict:
   """{"reduce_scatter": n, "full_all_reduces": m} of a compiled module (module docstring).
 
+  reduce_scatter counts arrays: a combined reduce-scatter (one fusion with a tuple
+  result) counts each array it scatters.
+
   The all-reduce inside a TPU "all-reduce-scatter" fusion's own computation is
   part of that reduce-scatter and is not counted as a full all-reduce.
   """
@@ -139,7 +158,11 @@ def gradient_reductions(hlo: str, sizes: set) -> dict:
       inside_rs = head.lstrip("%").startswith("all-reduce-scatter")
       continue
     if _REDUCE_SCATTER.search(line):
-      rs += 1
+      m = _RS_RESULT.search(line)
+      shapes = _SHAPE.findall(m.group(1)) if m else [""]
+      if m and m.group(2):                 # reduce-scatter-start: ((operands...), (results...))
+        shapes = shapes[len(shapes) // 2:]
+      rs += len(shapes)
       continue
     m = None if inside_rs else _ALL_REDUCE.search(line)
     if m:
@@ -198,7 +221,8 @@ def measure(program, model_cfg, chip, hbm_bytes, mesh) -> dict:
   tensor = int(mesh.shape.get("tensor", 1))
   text = compiled.as_text()
   if program.kind == "train":
-    row["gradient_reductions"] = gradient_reductions(text, param_sizes(model_cfg))
+    row["gradient_reductions"] = gradient_reductions(
+        text, param_sizes(model_cfg, matrices=True))
   row.update(argument_bytes=arg, temp_bytes=tmp, output_bytes=out, alias_bytes=alias,
              peak_bytes=peak,
              fits=None if hbm_bytes is None else peak <= hbm_bytes,
