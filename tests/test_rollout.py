@@ -140,7 +140,8 @@ def test_sharded_rollout_equals_single_device(setup):
   assert got.tokens.sharding.spec[0] == ("data", "fsdp")
   np.testing.assert_array_equal(got.tokens, ref.tokens)
   np.testing.assert_array_equal(got.mask, ref.mask)
-  np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5)
+  # tensor-sharded reductions sum in another order: tokens equal, log-probs to float32 noise
+  np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=5e-5)
 
 
 def test_one_prefill_per_unique_prompt(setup):
@@ -152,7 +153,8 @@ def test_one_prefill_per_unique_prompt(setup):
   ref = rollout.generate(CFG, params, jnp.repeat(ids, 4, 0), jnp.repeat(mask, 4, 0),
                          jax.random.key(7), flat)
   np.testing.assert_array_equal(got.tokens, ref.tokens)
-  np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5)
+  # tensor-sharded reductions sum in another order: tokens equal, log-probs to float32 noise
+  np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=5e-5)
   # The program runs the decoder's forward_cached once, on the 3 unique prompts.
   jaxpr = jax.make_jaxpr(lambda p, i, m: rollout.generate(CFG, p, i, m, jax.random.key(7), cfg))(
       params, ids, mask)
@@ -219,4 +221,5 @@ def test_decode_loop_has_no_weight_all_gather(setup, mesh_shape, placement):
   got = fn(sparams, ids, mask, jax.random.key(2))
   ref = rollout.generate(cfg_model, params, ids, mask, jax.random.key(2), cfg)
   np.testing.assert_array_equal(got.tokens, ref.tokens)
-  np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5)
+  # tensor-sharded reductions sum in another order: tokens equal, log-probs to float32 noise
+  np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=5e-5)
