@@ -129,8 +129,11 @@ def test_model_with_splash_equals_xla_and_decode_continues_it(monkeypatch):
 
   def loss(cfg):
     return lambda p: jnp.sum(jnp.where(sel, models.forward(cfg, p, ids, mask), 0) ** 2)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4),
-               jax.grad(loss(cfg_s))(params), jax.grad(loss(cfg_x))(params))
+  # Gradients of summed squared logits reach ~300; float32 sums in a different order
+  # differ by ~1e-6 of that, so the absolute tolerance scales with each leaf's largest.
+  def close(a, b):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(b))))
+  jax.tree.map(close, jax.grad(loss(cfg_s))(params), jax.grad(loss(cfg_x))(params))
 
   # Cached prefill of 127 tokens + one decode step (xla inside) = the splash forward.
   cache = models.init_cache(cfg_s, 2, 128)

@@ -107,9 +107,14 @@ def sdpa_attention(q, k, v, key_valid, *, implementation="cudnn"):
   return out.transpose(0, 2, 1, 3).reshape(b, kh, g, t, h)
 
 
-@functools.lru_cache(maxsize=16)
 def _splash_kernel(g: int, t: int, interpret: bool):
-  """Single-device splash MHA kernel over Q heads of a causal T x T mask."""
+  """Single-device splash MHA kernel over Q heads of a causal T x T mask.
+
+  Built afresh on every trace, never cached: the kernel holds its block-mask arrays,
+  and one built while tracing (a scanned decoder traces its body more than once) would
+  carry that trace's tracers into the next one (UnexpectedTracerError). Building costs
+  only trace time.
+  """
   block = next(bl for bl in (SPLASH_BLOCK, 256, 128) if t % bl == 0)
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                             block_q_dkv=block, block_kv_dkv=block,
