@@ -24,6 +24,16 @@ Figures (tiny, batch 32, prompt 128, new 128, greedy, 2 cores):
     no sort in greedy. The rest, ~4.8 ms at 0 slots, is the M=32 GEMMs themselves (the
     same matmuls alone in a fori_loop: 4.9 ms at load 4.7 vs 5.5 ms for the whole step);
     the prefill of 32 x 128 tokens takes ~0.27 s of a ~1.4 s call.
+  Per-op profile (jax.profiler trace of one call, quiet machine, jax 0.10.2 / XLA:CPU
+  with YNNPACK dots): decode GEMMs 2.7 ms per step, the scores matmul q.k 2.1 ms, the
+  values matmul p.v of the same bytes 0.5 ms: keys stored [N,K,S,H] were read as a
+  transposed operand. Keys are now stored [N,K,H,S] and, on CPU, the scores are H fused
+  multiply-adds of [S] rows (models/decode.py): 1.0 s -> 0.90 s per call.
+  Quiet (load 1.0-1.5, the bench's own threads), 2026-12-03: before 1.39x best / 1.45x
+    median (ours 1.02 s, HF 1.41 s); after 1.69x best / 1.78x median (ours 0.90 s,
+    HF 1.52 s). HF's best moves by ~10% between runs; the rest of our call is the M=32
+    GEMMs (~100 GFLOP/s, at the 2-core matmul rate) and the prefill, both compute-bound,
+    so the 2x goal is not met at float32.
 
   python bench/rollout.py [--sizes tiny,25m] [--batch 32] [--prompt 128] [--new 128]
 """
@@ -129,7 +139,7 @@ def main(argv=None):
   out["loadavg"] = {"before": [round(x, 2) for x in load0],
                     "after": [round(x, 2) for x in os.getloadavg()], "cores": os.cpu_count()}
   out["note"] = ("ours: one prefill per unique prompt, weights cast / laid out once, per-layer "
-                 "[N,K,S,H] KV caches updated in place (models/decode.py); HF: DynamicCache. "
+                 "KV caches (keys [N,K,H,S], values [N,K,S,H]) updated in place (models/decode.py); HF: DynamicCache. "
                  "Both greedy, float32, same weights.")
   print(json.dumps(out, indent=2))
   return out
