@@ -20,9 +20,9 @@ Steps (each resumable: re-running the command skips finished stages):
      relational SVR@10 at 4 turns and for narrative disclosures with OFR@10 at
      most SFT's + MAX_OFR_INCREASE? A run that does not says so, with each figure.
      summary["verdict_ok"] is the SafeRec check alone, summary["relational_ok"]
-     both. At the shipped settings the relational part is NOT met yet (GDPO ties
-     SFT on both slices); with `relational=True` (suite rows in training) it is,
-     but the SafeRec part is not (see the README's "Training for it"):
+     both. At the shipped settings the relational part is NOT met yet (GDPO lowers
+     both slices but over-filters past the bound); see the README's "Training
+     for it" for what `relational=True` (suite rows in training) gives:
      `launch.demo --check` (CI) requires the SafeRec check, `--check_relational`
      both.
 
