@@ -139,7 +139,8 @@ def main(argv=None):
   out["loadavg"] = {"before": [round(x, 2) for x in load0],
                     "after": [round(x, 2) for x in os.getloadavg()], "cores": os.cpu_count()}
   out["note"] = ("ours: one prefill per unique prompt, weights cast / laid out once, per-layer "
-                 "KV caches (keys [N,K,H,S], values [N,K,S,H]) updated in place (models/decode.py); HF: DynamicCache. "
+                 "KV caches (keys [N,K,H,S], values [N,K,S,H]) updated in place "
+                 "(models/decode.py); HF: DynamicCache. "
                  "Both greedy, float32, same weights.")
   print(json.dumps(out, indent=2))
   return out

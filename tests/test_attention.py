@@ -149,3 +149,26 @@ def test_auto_on_cpu_is_todays_path():
   np.testing.assert_array_equal(
       models.forward(cfg, params, ids, mask),
       models.forward(dataclasses.replace(cfg, attention="xla"), params, ids, mask))
+
+
+def test_attend_with_transposed_keys_equals_the_plain_layout():
+  """Decode's key layout [B,K,H,S], by matmul and by multiply-adds, = [B,K,S,H] keys."""
+  rng = np.random.default_rng(1)
+  q = jnp.asarray(rng.normal(size=(3, 2, 2, 1, 16)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(3, 2, 24, 16)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(3, 2, 24, 16)), jnp.float32)
+  valid = np.ones((3, 24), bool)
+  valid[0, :5] = False
+  valid[2, 20:] = False
+  mask = jnp.asarray(valid)[:, None, None, None, :]
+  ref = layers._attend(q, k, v, mask, jnp.float32)
+  kt = k.transpose(0, 1, 3, 2)
+  for by_sum in (False, True):
+    got = layers._attend(q, kt, v, mask, jnp.float32, keys_transposed=True,
+                         scores_by_sum=by_sum)
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+  # masked keys are ignored: changing them changes nothing
+  k2 = k.at[0, :, :5].set(100.0)
+  got = layers._attend(q, k2.transpose(0, 1, 3, 2), v, mask, jnp.float32,
+                       keys_transposed=True, scores_by_sum=True)
+  np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)

@@ -18,8 +18,9 @@ and each token is one `step` (the cache write is an in-place dynamic_update_slic
 loop carry). Keys are stored transposed, [N,K,H,S]: the scores matmul q [Q,H] @ k [H,S]
 then reads them in stored order. With [N,K,S,H] keys XLA:CPU ran it as a transposed
 operand at a quarter of the speed of the values matmul of the same bytes (2.1 vs
-0.5 ms of a ~6 ms step, tiny model, batch 32, 2 cores). The arithmetic is the decoder's op for op: RMSNorm statistics in float32,
-layers.rope_tables / apply_rope, layers._attend, logits in cfg.dtype.
+0.5 ms of a ~6 ms step, tiny model, batch 32, 2 cores). The arithmetic is the
+decoder's op for op: RMSNorm statistics in float32, layers.rope_tables /
+apply_rope, layers._attend, logits in cfg.dtype.
 
 Weight placement (`weight_shardings`): "replicated" (every device holds the whole model:
 no weight collective at all while decoding) or "tensor" (the logical rules with their
