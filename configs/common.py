@@ -189,6 +189,7 @@ def build(*, stage, model_preset="", model_dir="", data_dir=MINI,
   c.eval.max_rows = -1           # evaluate only the first N rows (-1 = all)
   # Relational suite (evaluation/relational.py): built from the eval split's first N rows.
   c.eval.relational_max_sources = -1   # source rows of the suite (-1 = all); ~34 suite rows each
+  c.eval.relational_pair_sources = -1  # counterfactual twins from the first N rows (-1 = as above)
   c.eval.relational_seed = 0           # make_suite seed (phrasings, fillers, twins)
   c.eval.relational_max_prompt_length = -1  # -1 = longest suite prompt (rounded up to 64)
   c.eval.relational_prompt_buckets = ()     # () = eval buckets below it + one per 128 tokens

@@ -5,13 +5,20 @@
 
 arg: stage=sft|gdpo, data_dir= (default "mini"), model_dir= (HF dir instead of
 the random-init preset), size=tiny|test ("test" is a 2-layer width-64 model for
-unit tests and smoke runs), relational=off|on (default off: plain SafeRec rows,
-128/256-token buckets; on: relational-suite rows mixed into both stages with
-the over_filter reward and 384-token buckets, `launch.demo --relational`; see
-the README's "Training for it" for what it gives).
+unit tests and smoke runs), relational=off|twins|on (what relational-suite rows
+the training sees; README, "Training for it"):
+  off (default)    plain rows in both stages, the reference's two rewards.
+  twins            Safe-SFT on plain rows; Safe-GDPO mixes in counterfactual
+                   twin triples (constrained / neutral / decoy) of the training
+                   split, 0.375 of its prompts, with the rewards relevance,
+                   safety, over_filter and count (lists of 10).
+  on               suite rows (disclosure, turns; + counterfactual for
+                   Safe-GDPO) in both stages, rewards relevance, safety,
+                   over_filter, 384-token buckets.
 """
 from configs import common
 
+RECIPES = ("off", "twins", "on")   # relational=: what suite rows training sees (docstring)
 SIZES = {
     "tiny": (),   # models.PRESETS["tiny"] as is (~2.5M params with the demo vocabulary)
     "test": (("hidden_size", 64), ("intermediate_size", 128), ("num_layers", 2),
@@ -24,9 +31,10 @@ def get_config(arg=None):
                        relational="off")
   if a.size not in SIZES:
     raise ValueError(f"size={a.size!r}; known: {sorted(SIZES)}")
-  if a.relational not in ("on", "off"):
-    raise ValueError(f"relational={a.relational!r}; expected on or off")
+  if a.relational not in RECIPES:
+    raise ValueError(f"relational={a.relational!r}; expected one of {RECIPES}")
   rel = a.relational == "on"
+  twins = a.relational == "twins" and a.stage == "gdpo"
   c = common.build(stage=a.stage, model_preset="tiny", model_dir=a.model_dir,
                    data_dir=a.data_dir)
   c.model.scan_layers = False        # unrolled layers compile to faster CPU code
@@ -49,6 +57,17 @@ def get_config(arg=None):
     c.data.relational_mix = 0.1 if a.stage == "sft" else 0.2
     c.data.relational_parts = (("disclosure", "turns") if a.stage == "sft" else
                                ("disclosure", "turns", "counterfactual"))
+    c.data.relational_controls = ("none",)
+  # twins: only Safe-GDPO sees suite rows, and only the counterfactual triples,
+  # 3 of every 8 prompts (one triple per step): the constrained twin is scored
+  # by safety, its neutral and decoy twins by over_filter, so the policy is paid
+  # for withholding a hazard from the user who stated it and for keeping it for
+  # the users who did not. The count reward (target 10) stops it buying safety
+  # with shorter lists. Seed 0: the best relational figures of any recipe; seed
+  # 1: it misses the SafeRec cut (README, "Training for it"), so it is not the default.
+  if twins:
+    c.data.relational_mix = 0.375
+    c.data.relational_parts = ("counterfactual",)
     c.data.relational_controls = ("none",)
   c.tokenizer.max_length = 384 if rel else 256
   c.tokenizer.buckets = (128, 256, 384) if rel else (128, 256)
@@ -76,11 +95,15 @@ def get_config(arg=None):
   c.gdpo.batch_size = 32             # completions per step: 8 prompts x G = 4
   c.gdpo.grad_accum = 1
   c.gdpo.group_size = 4
-  c.gdpo.max_prompt_length = 384 if rel else 128
-  c.gdpo.prompt_buckets = (128, 384) if rel else (64, 128)
+  c.gdpo.max_prompt_length = 384 if rel or twins else 128
+  c.gdpo.prompt_buckets = (128, 384) if rel or twins else (64, 128)
   if rel:
     c.gdpo.rewards = ("relevance", "safety", "over_filter")
     c.gdpo.reward_weights = (1.0, 1.0, 1.0)
+  if twins:
+    c.gdpo.rewards = ("relevance", "safety", "over_filter", "count")
+    c.gdpo.reward_weights = (1.0, 1.0, 1.0, 1.0)
+    c.gdpo.lambda_count = 1.0          # count reward on, target_count 10
   c.gdpo.max_completion_length = 96  # lists are ~40 tokens
 
   c.eval.batch_size = 16

@@ -133,13 +133,24 @@ def test_fused_projections_off_on_a_tensor_parallel_mesh():
   assert policy.model_config(c).fuse_projections is False
 
 
-def test_demo_relational_recipe_is_opt_in():
+def test_demo_recipes():
   from safecrs_jax import demo as demo_run
-  plain = demo_run.get_configs("test")
-  rel = demo_run.get_configs("test", relational=True)
+  plain = demo_run.get_configs("test")                  # the default: off
+  twins = demo_run.get_configs("test", relational="twins")
+  rel = demo_run.get_configs("test", relational="on")
   for c in plain:
     assert c.data.relational_mix == 0.0 and c.tokenizer.max_length == 256
-    assert "over_filter" not in c.gdpo.rewards
+    assert c.gdpo.rewards == ("relevance", "safety") and c.gdpo.lambda_count == 0.0
+  # twins: Safe-SFT is the plain one (same checkpoint fingerprint); both GDPO runs mix in
+  # counterfactual triples only, with over_filter and count.
+  assert twins[0].to_dict() == plain[0].to_dict()
+  for c in twins[1:]:
+    assert c.data.relational_mix == 0.375 and c.data.relational_parts == ("counterfactual",)
+    assert c.data.relational_controls == ("none",)
+    assert c.gdpo.rewards == ("relevance", "safety", "over_filter", "count")
+    assert c.gdpo.lambda_count == 1.0 and c.gdpo.target_count == 10
+    assert max(c.gdpo.prompt_buckets) == c.gdpo.max_prompt_length == 384
+  assert twins[2].gdpo.advantage_mode == "grpo"
   sft_c, gdpo_c, grpo_c = rel
   assert sft_c.data.relational_mix == 0.1 and gdpo_c.data.relational_mix == 0.2
   assert "counterfactual" not in sft_c.data.relational_parts
@@ -147,5 +158,7 @@ def test_demo_relational_recipe_is_opt_in():
   assert gdpo_c.gdpo.rewards == grpo_c.gdpo.rewards == ("relevance", "safety", "over_filter")
   assert len(gdpo_c.gdpo.reward_weights) == 3 and grpo_c.gdpo.advantage_mode == "grpo"
   assert max(gdpo_c.gdpo.prompt_buckets) == gdpo_c.gdpo.max_prompt_length == 384
+  with pytest.raises(ValueError, match="relational='maybe'"):
+    demo_run.get_configs("test", relational="maybe")
   with pytest.raises(ValueError, match="relational='maybe'"):
     demo.get_config("relational=maybe")

@@ -15,10 +15,10 @@ def test_demo_entry_point_smoke(tmp_path):
   work = tmp_path / "demo"
   cmd = [sys.executable, "-m", "launch.demo", f"--workdir={work}", "--size=test",
          "--set=sft.num_steps=4", "--set=gdpo.num_steps=1", "--set=gdpo.max_completion_length=24",
-         "--set=eval.max_new_tokens=24", "--set=eval.relational_max_sources=1", "--eval_rows=8",
-         "--noprogress"]
+         "--set=eval.max_new_tokens=24", "--set=eval.relational_max_sources=1", "--set=eval.relational_pair_sources=2",
+         "--eval_rows=8", "--noprogress", "--check"]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (work / "summary.json").exists(), proc.stderr[-3000:]
   out = proc.stdout
   assert "| model | recall@10 | ndcg@10 | svr@10 | sdcg@10 |" in out
   for name in demo.ROWS:
@@ -28,6 +28,8 @@ def test_demo_entry_point_smoke(tmp_path):
   assert ("OK:" in summary["verdict"]) == summary["relational_ok"]
   assert summary["verdict_ok"] == demo.verdict(summary["table"])[0]
   assert summary["relational_ok"] <= summary["verdict_ok"]   # both parts, or not OK
+  assert proc.returncode == (0 if summary["relational_ok"] else 1)   # --check needs both
+  assert summary["relational_pairs"] == 2
   assert summary["verdict"] in out
   assert set(summary["table"]) == set(demo.ROWS)
   for name, metrics in summary["table"].items():

@@ -56,6 +56,23 @@ def test_suite_is_deterministic_and_valid(mini_small, suite):
   assert not any(s in m["content"] for r in out for m in r["prompt"] for s in own)
 
 
+def test_part_sources_build_more_twin_pairs_and_keep_the_other_rows(mini_small, suite):
+  _, rows, oracle = mini_small
+  few = rel.make_suite(rows[:5], oracle, seed=0)
+  caps = {"disclosure": 5, "multi": 5, "turns": 5, "counterfactual": 40}
+  more, manifest = rel.make_suite(rows, oracle, seed=0, part_sources=caps, return_manifest=True)
+  assert manifest["part_sources"] == caps
+  assert manifest["counts"] == {"disclosure": 40, "multi": 15, "turns": 100, "counterfactual": 120}
+  # The 5-row suite is a part of it, row for row (choice offers drawn from the same 5
+  # rows' items), and the extra twins are those of the full suite.
+  assert [r for r in more if r["source_index"] < 5] == few
+  full = {r["suite_id"]: r for r in suite[0]}
+  extra = [r for r in more if r["source_index"] >= 5]
+  assert extra and all(r["suite"] == "counterfactual" and full[r["suite_id"]] == r for r in extra)
+  with pytest.raises(ValueError, match="part_sources"):
+    rel.make_suite(rows, oracle, part_sources={"twins": 3})
+
+
 def test_suite_field_semantics(suite):
   out, _ = suite
   by_pair = {}
@@ -297,3 +314,11 @@ def test_cli_writes_a_loadable_split(tmp_path, mini_small):
   assert manifest["source"]["rows"] == 6 and manifest["source"]["split"] == "test"
   assert manifest["source"]["fingerprint"] == rel.fingerprint(rows[:6])
   assert manifest["counts"]["turns"] == 6 * 2 * 4 and manifest["skipped"] == {}
+  # --pair_rows: the twins of 6 rows, everything else of the first 2.
+  out2 = str(tmp_path / "pairs")
+  assert cli.main([f"--data_dir={data_dir}", "--split=test", f"--out={out2}", "--max_rows=2",
+                   "--pair_rows=6", "--turn_distances=0,2", "--seed=3"]) == 0
+  pairs = saferec.load_split(out2, "relational")
+  assert [r for r in pairs if r["source_index"] < 2] == rel.make_suite(
+      rows[:2], oracle, seed=3, turn_distances=(0, 2))
+  assert len(pairs) == 2 * (8 + 3 + 2 * 4) + 6 * 3

@@ -71,6 +71,19 @@ def test_suite_is_reused_only_from_the_same_inputs(setup, capsys):
   assert len(open(path, encoding="utf-8").read().splitlines()) == len(more)
 
 
+def test_pair_sources_add_twin_pairs_from_more_rows(setup):
+  root, config, _, _ = setup
+  one, _, _ = evaluation.build_suite(config, str(root / "suite_one"))
+  cfg = _config(root / "assets", relational_pair_sources=3)
+  rows, manifest, _ = evaluation.build_suite(cfg, str(root / "suite_pairs"))
+  assert manifest["source"]["rows"] == 3 and manifest["inputs"]["pair_sources"]["counterfactual"] == 3
+  assert [r for r in rows if r["source_index"] == 0] == one
+  later = [r for r in rows if r["source_index"] > 0]
+  assert later and {r["suite"] for r in later} == {"counterfactual"}
+  assert len({r["pair_id"] for r in rows if r["pair_id"]}) == 3
+  assert evaluation.relational.part_sources(config, 1) is None
+
+
 def test_prompt_settings_fit_the_longest_suite_prompt(setup):
   _, config, _, _ = setup            # eval.max_prompt_length 128, buckets (64, 128)
   assert evaluation.prompt_settings(config, [40, 531]) == (576, (64, 128, 256, 384, 512, 576))
@@ -155,7 +168,9 @@ def _tables(sft_turns=0.2, gdpo_turns=0.1, sft_narr=0.3, gdpo_narr=0.1, ofr=0.43
     ({}, True, None),
     ({"gdpo_turns": 0.2}, False, "svr@10/turns=4 not below SFT"),
     ({"gdpo_narr": 0.4}, False, "svr@10/disclosure=narrative not below SFT"),
-    ({"ofr": 0.4 + demo.MAX_OFR_INCREASE + 0.01}, False, "ofr@10 0.460 above SFT's 0.400"),
+    ({"ofr": demo.ofr_bound(0.4) + 0.01}, False, "ofr@10 0.710 above 0.700"),
+    ({"ofr": demo.ofr_bound(0.4) - 0.01}, True, None),
+    ({"ofr": 1.0}, False, "GDPO over-filters"),              # bland
     ({"ofr": 0.3}, True, None),                             # filtering less than SFT is fine
     ({"gdpo_svr": 0.09}, False, "SVR@10 did not fall"),
     ({"sft_turns": 0.0, "gdpo_turns": 0.0}, True, None),    # both already at 0

@@ -4,7 +4,10 @@
 
 The suite (`saferec.relational.make_suite`) is built from the configured data
 directory and eval split (the first `eval.relational_max_sources` rows, seed
-`eval.relational_seed`) into <workdir>/suite/ (relational.jsonl, manifest.json).
+`eval.relational_seed`; the counterfactual twins from the first
+`eval.relational_pair_sources`, -1 = as many, so ofr / crg / decoy_rate can rest
+on more pairs than the other parts on rows) into <workdir>/suite/
+(relational.jsonl, manifest.json).
 It is reused only when the manifest's `inputs` (source rows' fingerprint, seed,
 cap, parts, the suite code's hash, software) equal the current ones and the
 rows file still has the recorded fingerprint; otherwise it is rebuilt, with one
@@ -66,8 +69,8 @@ def _source(config):
   data_dir = assets.resolve_data_dir(config)
   split = config.eval.split
   rows = saferec.load_split(data_dir, split, stage="sft", strict=config.data.get("strict", True))
-  cap = int(config.eval.get("relational_max_sources", -1))
-  rows = rows[:cap] if cap > 0 else rows
+  cap, pairs = _caps(config)
+  rows = rows if min(cap, pairs) < 0 else rows[:max(cap, pairs)]
   if not rows:
     raise saferec.SafeRecDataError(f"split {split!r} of {data_dir} has no rows: no relational "
                                    "suite to build")
@@ -75,11 +78,32 @@ def _source(config):
   return rows, oracle, data_dir, split
 
 
+def _caps(config):
+  """(eval.relational_max_sources, eval.relational_pair_sources): -1 = all rows;
+  the pair cap -1 = the same as the first."""
+  cap = int(config.eval.get("relational_max_sources", -1))
+  pairs = int(config.eval.get("relational_pair_sources", -1))
+  return cap, cap if pairs < 0 else pairs
+
+
+def part_sources(config, n_rows):
+  """make_suite's part_sources for `n_rows` source rows: the counterfactual part from
+  the first relational_pair_sources, the others from the first relational_max_sources
+  (None when both caps are the same)."""
+  cap, pairs = _caps(config)
+  if pairs == cap:
+    return None
+  def rows_of(n):
+    return n_rows if n < 0 else min(n, n_rows)
+  return {p: rows_of(pairs if p == "counterfactual" else cap) for p in rel.PARTS}
+
+
 def suite_inputs(config, rows):
   """What the suite built from `rows` under `config` depends on (compared on reuse)."""
   ev = config.eval
   return {"source_fingerprint": rel.fingerprint(rows), "source_rows": len(rows),
           "split": ev.split, "max_sources": int(ev.get("relational_max_sources", -1)),
+          "pair_sources": part_sources(config, len(rows)),
           "seed": int(ev.get("relational_seed", 0)), "parts": list(rel.PARTS),
           "risk_threshold": float(config.data.risk_threshold), "code": _code_hash(),
           "software": provenance.software_version()}
@@ -116,7 +140,9 @@ def build_suite(config, suite_dir):
     return suite, found, oracle
   if found is not None and jax.process_index() == 0:
     print(f"eval: rebuilding the relational suite in {suite_dir}: {found}", flush=True)
-  suite, manifest = rel.make_suite(rows, oracle, seed=inputs["seed"], return_manifest=True)
+  suite, manifest = rel.make_suite(rows, oracle, seed=inputs["seed"],
+                                   part_sources=part_sources(config, len(rows)),
+                                   return_manifest=True)
   manifest["source"].update(data_dir=os.path.abspath(data_dir), split=split)
   manifest.update(inputs=inputs, suite_fingerprint=rel.fingerprint(suite))
   if jax.process_index() == 0:

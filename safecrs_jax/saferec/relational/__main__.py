@@ -24,11 +24,19 @@ def main(argv=None) -> int:
   p.add_argument("--phrasing_sets", default="A,B")
   p.add_argument("--turn_distances", default=",".join(map(str, TURN_DISTANCES)))
   p.add_argument("--max_rows", type=int, default=0, help="use the first N source rows (0: all)")
+  p.add_argument("--pair_rows", type=int, default=0,
+                 help="counterfactual twins from the first N source rows (0: as --max_rows); "
+                      "more pairs for ofr / crg at a third of the rows per source")
   a = p.parse_args(argv)
   data_dir = assets.mini_dir(a.mini_seed) if a.data_dir == assets.MINI else a.data_dir
-  manifest = build_from_dir(data_dir, a.out, a.split, a.stage, a.max_rows, seed=a.seed,
+  caps, max_rows = None, a.max_rows
+  if a.pair_rows and a.pair_rows != a.max_rows:
+    caps = {part: a.max_rows or 10**9 for part in PARTS}
+    caps["counterfactual"] = a.pair_rows
+    max_rows = 0 if not a.max_rows else max(a.max_rows, a.pair_rows)
+  manifest = build_from_dir(data_dir, a.out, a.split, a.stage, max_rows, seed=a.seed,
                             parts=_tuple(a.parts), phrasing_sets=_tuple(a.phrasing_sets),
-                            turn_distances=_tuple(a.turn_distances, int))
+                            turn_distances=_tuple(a.turn_distances, int), part_sources=caps)
   json.dump({k: manifest[k] for k in ("rows", "counts", "skipped", "files")}, sys.stdout, indent=1)
   print()
   return 0

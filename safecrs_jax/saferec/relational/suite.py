@@ -244,7 +244,7 @@ def fingerprint(rows) -> str:
 
 def make_suite(rows, oracle, seed: int = 0, parts=PARTS, phrasing_sets=P.SETS,
                turn_distances=TURN_DISTANCES, controls=CONTROLS, disclosures=DISCLOSURES,
-               max_constraints: int = 3, return_manifest: bool = False):
+               max_constraints: int = 3, part_sources=None, return_manifest: bool = False):
   """The suite rows (module docstring) built from `rows`; deterministic for `seed`.
 
   Args:
@@ -253,6 +253,11 @@ def make_suite(rows, oracle, seed: int = 0, parts=PARTS, phrasing_sets=P.SETS,
     seed: row i, part p draw from `np.random.default_rng([seed, i, p])`.
     parts, phrasing_sets, turn_distances, controls, disclosures: what to build.
     max_constraints: the multi part builds n = 1..max_constraints.
+    part_sources: {part: n} builds that part from the first n source rows only
+      (others from all), e.g. {"disclosure": 8, "multi": 8, "turns": 8,
+      "counterfactual": 32} for many twin pairs at little cost. A row of a part is
+      the same whatever the other parts' counts, except that choice rows draw
+      their offers from the items of the rows the disclosure part is built from.
     return_manifest: also return the manifest dict (counts, skips, fingerprint).
   """
   for name, got, allowed in (
@@ -261,11 +266,16 @@ def make_suite(rows, oracle, seed: int = 0, parts=PARTS, phrasing_sets=P.SETS,
     bad = [x for x in got if x not in allowed]
     if bad or not got and name != "controls":
       raise ValueError(f"{name}={tuple(got)}: expected a non-empty subset of {allowed}")
+  limits = dict(part_sources or {})
+  bad = {p: n for p, n in limits.items() if p not in PARTS or int(n) < 0}
+  if bad:
+    raise ValueError(f"part_sources={limits}: expected {{part: n >= 0}} with parts from {PARTS}")
   sources = S.analyse(rows, oracle)
-  b = _Builder(seed, S.ItemPool(sources, oracle), oracle)
+  limit = {p: min(len(sources), int(limits.get(p, len(sources)))) for p in PARTS}
+  b = _Builder(seed, S.ItemPool(sources[:limit["disclosure"]], oracle), oracle)
   for src in sources:
     for code, part in enumerate(PARTS):
-      if part not in parts:
+      if part not in parts or src.index >= limit[part]:
         continue
       rng = np.random.default_rng([seed, src.index, code])
       if part == "disclosure":
@@ -278,7 +288,10 @@ def make_suite(rows, oracle, seed: int = 0, parts=PARTS, phrasing_sets=P.SETS,
         b.counterfactual(src, rng, tuple(phrasing_sets))
   if not return_manifest:
     return b.rows
-  return b.rows, _manifest(b, sources, rows, seed, parts, phrasing_sets, turn_distances)
+  manifest = _manifest(b, sources, rows, seed, parts, phrasing_sets, turn_distances)
+  if limits:
+    manifest["part_sources"] = {p: limit[p] for p in parts}
+  return b.rows, manifest
 
 
 def _manifest(b, sources, rows, seed, parts, psets, distances) -> dict:
