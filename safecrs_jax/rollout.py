@@ -124,23 +124,26 @@ def _constrain_batch(x, mesh):
   return jax.lax.with_sharding_constraint(x, shd.batch_sharding(mesh, x.ndim))
 
 
-def _prefill(model_cfg, params, prompt_ids, prompt_mask, cfg, mesh, rules):
-  """The B unique prompts through the decoder once -> (last logits [N, V] f32, decode cache).
+def _prefill(model_cfg, weights, prompt_ids, prompt_mask, cfg, mesh, rules):
+  """The B unique prompts through the model once -> (last logits [N, V] f32, decode cache).
 
   The prompt cache (B rows, P slots) is repeated G times along the batch and padded to
-  P + T slots; the prompt rows stay sharded when B divides the batch axes (else replicated).
+  P + the first segment's slots; the prompt rows stay sharded when B divides the batch
+  axes (else replicated).
   """
   g = cfg.num_samples
   ids = shd.constrain(prompt_ids.astype(jnp.int32), ("act_batch", "act_length"), mesh, rules)
   mask = shd.constrain(prompt_mask.astype(jnp.int32), ("act_batch", "act_length"), mesh, rules)
-  b, p = ids.shape
-  cache = models.init_cache(model_cfg, b, p, mesh=mesh, rules=rules)
-  logits, cache = models.forward_cached(model_cfg, params, ids, mask, cache, mesh=mesh,
-                                        rules=rules, last_only=True)
-  last = jnp.repeat(logits[:, -1].astype(jnp.float32), g, axis=0)             # [N, V]
+  p = ids.shape[1]
+  logits, cache = _prefill_prompts(model_cfg, weights, ids, mask, mesh=mesh, rules=rules)
+  last = jnp.repeat(logits.astype(jnp.float32), g, axis=0)                    # [N, V]
   pos = jnp.repeat(jnp.sum(mask, axis=1, dtype=jnp.int32), g, axis=0)          # [N]
-  cache = decode.from_prefill(model_cfg, cache, p + segment_ends(cfg)[0], g, mesh, rules)
+  cache = decode.from_prefill(cache, p + segment_ends(cfg)[0], g, mesh, rules)
   return _constrain_batch(last, mesh), _constrain_batch(pos, mesh), cache
+
+
+# A named program (jaxpr / HLO: "prefill"), run once per rollout batch on the unique prompts.
+_prefill_prompts = jax.jit(decode.prefill, static_argnums=0, static_argnames=("mesh", "rules"))
 
 
 def segment_ends(cfg: SamplingConfig) -> tuple:
@@ -183,11 +186,12 @@ def _decode(model_cfg, weights, rng, cfg, mesh, rules, pos, state):
 
 @functools.partial(jax.jit, static_argnames=("model_cfg", "cfg", "mesh", "rules", "placement"))
 def _generate(model_cfg, params, prompt_ids, prompt_mask, rng, cfg, mesh, rules, placement):
-  # Weights: cast to the compute dtype and placed for decoding once, before the prefill.
+  # Weights: cast to the compute dtype, placed and laid out for decoding once; the
+  # prefill and every decode step use them.
   params = decode.place(model_cfg, params, mesh, rules, placement)
-  last, pos, cache = _prefill(model_cfg, params, prompt_ids, prompt_mask, cfg, mesh, rules)
   tensor = 1 if mesh is None else mesh.shape.get("tensor", 1)
   weights = decode.layout(model_cfg, params, fuse=model_cfg.fuse_projections and tensor == 1)
+  last, pos, cache = _prefill(model_cfg, weights, prompt_ids, prompt_mask, cfg, mesh, rules)
   n, t_max = last.shape[0], cfg.max_new_tokens
   stop = jnp.asarray(cfg.stop_ids or (-1,), jnp.int32)
   zeros_f = _constrain_batch(jnp.zeros((n, t_max), jnp.float32), mesh)

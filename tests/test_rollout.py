@@ -155,20 +155,51 @@ def test_one_prefill_per_unique_prompt(setup):
   np.testing.assert_array_equal(got.tokens, ref.tokens)
   # tensor-sharded reductions sum in another order: tokens equal, log-probs to float32 noise
   np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=5e-5)
-  # The program runs the decoder's forward_cached once, on the 3 unique prompts.
+  # The program runs the prefill once, on the 3 unique prompts.
   jaxpr = jax.make_jaxpr(lambda p, i, m: rollout.generate(CFG, p, i, m, jax.random.key(7), cfg))(
       params, ids, mask)
   calls = []
 
   def walk(jx):
     for eqn in jx.eqns:
-      if eqn.params.get("name") == "forward_cached":
+      if eqn.params.get("name") == "prefill":
         calls.append([v.aval.shape for v in eqn.invars            # ids and mask
                       if v.aval.dtype == jnp.int32 and v.aval.ndim == 2])
       for sub in jax.core.jaxprs_in_params(eqn.params):
         walk(sub)
   walk(jaxpr.jaxpr)
   assert calls == [[(3, 5), (3, 5)]]
+
+
+@pytest.mark.parametrize("variant", [
+    dict(),                                                            # llama, fused
+    dict(fuse_projections=False, tie_word_embeddings=True),
+    dict(model_type="qwen2", attention_bias=True),
+    dict(model_type="qwen3", qk_norm=True, num_layers=1),              # the last layer only
+    dict(scan_layers=True, attention_out_bias=True, num_layers=3),
+])
+def test_prefill_equals_the_decoders_cached_forward(setup, variant):
+  """decode.prefill (decode weights, keys stored [B,K,H,P], the last layer on the last
+  position only) gives the decoder's last logits and the same keys / values per layer."""
+  _, ids, mask = setup
+  cfg = dataclasses.replace(CFG, **variant)
+  params = models.init_params(cfg, jax.random.key(3))
+  want, cache = models.forward_cached(cfg, params, ids, mask, models.init_cache(cfg, 3, 5),
+                                      last_only=True)
+  from safecrs_jax.models import decode
+  weights = decode.layout(cfg, decode.place(cfg, params), fuse=cfg.fuse_projections)
+  got, got_cache = jax.jit(decode.prefill, static_argnums=0)(cfg, weights, ids, mask)
+  np.testing.assert_allclose(got, want[:, 0], rtol=1e-5, atol=1e-5)
+  valid = np.asarray(mask, bool)
+  np.testing.assert_array_equal(got_cache["mask"], valid)
+  assert int(got_cache["index"]) == 5
+  for layer in range(cfg.num_layers):
+    keys = np.asarray(got_cache["k"][layer]).transpose(0, 3, 1, 2)      # -> [B,P,K,H]
+    values = np.asarray(got_cache["v"][layer]).transpose(0, 2, 1, 3)
+    np.testing.assert_allclose(keys[valid], np.asarray(cache["k"][layer])[valid],
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(values[valid], np.asarray(cache["v"][layer])[valid],
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_loop_all_gathers_parses_while_bodies():

@@ -11,7 +11,8 @@ copies of the stacked weights' layer slices — most of a small model's decode s
 CPU. Here the work is done once per rollout, outside the loop:
 
   weights = layout(cfg, params, fuse)            # compute dtype, per layer, fused q|k|v, gate|up
-  cache = from_prefill(prefill_cache, S, R)      # per-layer keys [N,K,H,S], values
+  logits, cache = prefill(cfg, weights, ids, mask)   # the B unique prompts, P slots
+  cache = from_prefill(cache, S, R)              # per-layer keys [N,K,H,S], values
                                                  # [N,K,S,H], repeated R times
 
 and each token is one `step` (the cache write is an in-place dynamic_update_slice of the
@@ -21,6 +22,12 @@ operand at a quarter of the speed of the values matmul of the same bytes (2.1 vs
 0.5 ms of a ~6 ms step, tiny model, batch 32, 2 cores). The arithmetic is the
 decoder's op for op: RMSNorm statistics in float32, layers.rope_tables /
 apply_rope, layers._attend, logits in cfg.dtype.
+
+The prefill writes the cache in this layout directly (no stacked [L,B,P,K,H] cache
+to transpose afterwards) and runs the last layer's query, attention and MLP on the
+last position only; with the tiny model, batch 32 x 128 prompt tokens, it went from
+0.235 s to 0.193 s (best of 8, quiet 2 cores) and the whole 128-token call from 0.80 s
+to 0.71 s. Same greedy tokens; log-probs within 1e-5.
 
 Weight placement (`weight_shardings`): "replicated" (every device holds the whole model:
 no weight collective at all while decoding) or "tensor" (the logical rules with their
@@ -136,20 +143,16 @@ def layout(cfg: ModelConfig, params, fuse: bool):
   return {"embed": embed, "head": head, "norm": params["norm"]["scale"], "layers": layers}
 
 
-def from_prefill(cfg: ModelConfig, cache, max_len: int, repeats: int, mesh=None, rules=None):
-  """A decoder cache of B rows and P slots -> the decode cache of N = B * repeats rows.
+def from_prefill(cache, max_len: int, repeats: int, mesh=None, rules=None):
+  """The prefill's cache of B rows and P slots -> the decode cache of N = B * repeats rows.
 
-  cache: decoder.init_cache layout (k, v [L,B,P,K,H], mask [B,P], index = P). Each row
-  is repeated `repeats` times (consecutive rows); slots [P, max_len) start empty.
-  Returns {"k": L-tuple of [N,K,H,S], "v": L-tuple of [N,K,S,H], "mask" [N,S] bool,
-  "index" [] int32}.
+  cache: as `prefill` returns it (per-layer keys [B,K,H,P], values [B,K,P,H], mask
+  [B,P], index = P). Each row is repeated `repeats` times (consecutive rows); slots
+  [P, max_len) start empty.
   """
-  def per_layer(x, order):                                            # [B,P,K,H]
-    return jnp.repeat(x.transpose(order), repeats, axis=0)
-
-  dec = {"k": tuple(per_layer(cache["k"][i], (0, 2, 3, 1)) for i in range(cfg.num_layers)),
-         "v": tuple(per_layer(cache["v"][i], (0, 2, 1, 3)) for i in range(cfg.num_layers)),
-         "mask": jnp.repeat(cache["mask"], repeats, axis=0), "index": cache["index"]}
+  rep = lambda x: jnp.repeat(x, repeats, axis=0)                      # noqa: E731
+  dec = {"k": tuple(map(rep, cache["k"])), "v": tuple(map(rep, cache["v"])),
+         "mask": rep(cache["mask"]), "index": cache["index"]}
   return grow(dec, max_len, mesh, rules)
 
 
@@ -176,6 +179,77 @@ def grow(cache, max_len: int, mesh=None, rules=None):
           "v": tuple(per_layer(x, kv_names) for x in cache["v"]),
           "mask": shd.constrain(mask, ("cache_batch", "cache_length"), mesh, rules),
           "index": cache["index"]}
+
+
+# -- the prompt -----------------------------------------------------------------------
+
+def _prompt_attention(cfg, w, x, cos, sin, mask, last_only, mesh, rules):
+  """x [B,P,D] normed -> (out [B,P',D], keys [B,K,H,P], values [B,K,P,H]).
+
+  P' = 1 with last_only (only the last position's query is attended: what the last
+  layer of a prefill needs), else P. mask [B,1,1,P,P].
+  """
+  b, p, _ = x.shape
+  nh, kh, hd, g = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_groups
+  dt = dtype_of(cfg.dtype)
+  q, k, v = _project(x, w["qkv"], w.get("qkv_bias"), (nh * hd, kh * hd, kh * hd))
+  q = q.reshape(b, p, nh, hd)
+  k = k.reshape(b, p, kh, hd)
+  v = v.reshape(b, p, kh, hd)
+  if cfg.qk_norm:
+    q = _rms_norm(q, w["q_norm"], cfg.rms_norm_eps, dt)
+    k = _rms_norm(k, w["k_norm"], cfg.rms_norm_eps, dt)
+  keys = apply_rope(k, cos, sin).transpose(0, 2, 3, 1)                # [B,K,H,P]
+  values = v.transpose(0, 2, 1, 3)                                    # [B,K,P,H]
+  if last_only:
+    q, cos, sin, mask = q[:, -1:], cos[:, -1:], sin[:, -1:], mask[:, :, :, -1:]
+  tq = q.shape[1]
+  q = apply_rope(q, cos, sin).reshape(b, tq, kh, g, hd).transpose(0, 2, 3, 1, 4)
+  q = q * jnp.asarray(hd ** -0.5, dt)                                 # [B,K,Q,P',H]
+  out = _attend(q, keys, values, mask, dt, keys_transposed=True)      # [B,K,Q,P',H]
+  out = out.transpose(0, 3, 1, 2, 4).reshape(b, tq, nh * hd)
+  out = shd.constrain(out, ("act_batch", "act_length", "act_heads"), mesh, rules)
+  (y,) = _project(out, [w["o"]], [w["o_bias"]] if "o_bias" in w else None, (cfg.hidden_size,))
+  return y, keys, values
+
+
+def prefill(cfg: ModelConfig, weights, ids, mask, mesh=None, rules=None):
+  """Left-padded prompts ids / mask [B,P] -> (logits [B,V] of the last position, cache).
+
+  The cache holds P slots in the decode layout (per-layer keys [B,K,H,P], values
+  [B,K,P,H], mask [B,P] bool, index P); `from_prefill` repeats and grows it. The
+  arithmetic is decoder.forward_cached's on an empty cache, except that the last
+  layer runs its query, attention and MLP on the last position only (its keys and
+  values still cover every position): a prefill needs only the last logits, and the
+  last layer's other positions are a 1/L share of the prefill's work. Left padding
+  means every row's last position is a real token.
+  """
+  dt = dtype_of(cfg.dtype)
+  eps, f = cfg.rms_norm_eps, cfg.intermediate_size
+  p = ids.shape[1]
+  valid = mask.astype(bool)                                           # [B,P]
+  positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+  causal = jnp.tril(jnp.ones((p, p), bool))                           # [P,P]
+  att_mask = (causal[None] & valid[:, None, :])[:, None, None]        # [B,1,1,P,P]
+  cos, sin = rope_tables(cfg, positions)                              # [B,P,1,H]
+  x = jnp.take(weights["embed"], ids, axis=0)                         # [B,P,D]
+  x = shd.constrain(x, ("act_batch", "act_length", "act_embed"), mesh, rules)
+  ks, vs = [], []
+  for i, w in enumerate(weights["layers"]):
+    last = i == len(weights["layers"]) - 1
+    a, keys, values = _prompt_attention(cfg, w, _rms_norm(x, w["ln1"], eps, dt), cos, sin,
+                                        att_mask, last, mesh, rules)
+    ks.append(keys.astype(dt))
+    vs.append(values.astype(dt))
+    x = (x[:, -1:] if last else x) + a
+    gate, up = _project(_rms_norm(x, w["ln2"], eps, dt), w["gate_up"], None, (f, f))
+    hmid = shd.constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"),
+                         mesh, rules)
+    (down,) = _project(hmid, [w["down"]], None, (cfg.hidden_size,))
+    x = shd.constrain(x + down, ("act_batch", "act_length", "act_embed"), mesh, rules)
+  x = _rms_norm(x[:, -1], weights["norm"], eps, dt)                    # [B,D]
+  logits = shd.constrain(jnp.dot(x, weights["head"]), ("act_batch", "act_vocab"), mesh, rules)
+  return logits, {"k": tuple(ks), "v": tuple(vs), "mask": valid, "index": jnp.int32(p)}
 
 
 # -- one token ----------------------------------------------------------------------
