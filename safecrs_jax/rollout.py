@@ -101,19 +101,37 @@ def _token_logprob(logits, tok):
   return _gather(logits, tok) - jax.nn.logsumexp(logits, axis=-1)
 
 
+def argmax(x):
+  """jnp.argmax(x, -1) (the first index of the maximum; int32) as two plain reductions.
+
+  XLA:CPU runs argmax as a variadic (value, index) reduce that does not vectorise: over
+  [32, 2048] logits 150 us against 72 us for max, then the least index equal to it
+  (tiny model's decode step ~4 ms). Rows whose maximum is NaN get index V - 1.
+  """
+  v = x.shape[-1]
+  peak = jnp.max(x, axis=-1, keepdims=True)
+  first = jnp.min(jnp.where(x == peak, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+  return jnp.minimum(first, v - 1)
+
+
+def categorical(key, logits):
+  """jax.random.categorical(key, logits, axis=-1), the same draws: argmax(gumbel + logits)."""
+  return argmax(jax.random.gumbel(key, logits.shape, logits.dtype) + logits)
+
+
 def _sample_step(logits, key, cfg: SamplingConfig):
   """logits [N, V] float32 -> (token [N], logprob [N], sampled_logprob [N]).
 
   Greedy is an argmax; no sort / filter runs unless top-k or top-p is on.
   """
   if cfg.is_greedy:
-    tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    tok = argmax(logits)
     lp = _token_logprob(logits, tok)
     return tok, lp, lp
   scaled = logits * cfg.logit_scale
   truncated = bool(cfg.top_k) or cfg.top_p < 1.0
   filtered = filter_logits(scaled, cfg.top_k, cfg.top_p) if truncated else scaled
-  tok = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+  tok = categorical(key, filtered)
   lp = _token_logprob(scaled, tok)
   return tok, lp, (_token_logprob(filtered, tok) if truncated else lp)
 

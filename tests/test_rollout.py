@@ -202,6 +202,19 @@ def test_prefill_equals_the_decoders_cached_forward(setup, variant):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_argmax_and_categorical_equal_jax_including_ties_and_filtered_logits():
+  rng = np.random.default_rng(0)
+  x = rng.integers(-3, 3, size=(64, 50)).astype(np.float32)          # many ties
+  x[:5, 10:] = -np.inf                                               # top-k / top-p cut-offs
+  x[5] = -np.inf
+  x = jnp.asarray(x)
+  np.testing.assert_array_equal(jax.jit(rollout.argmax)(x), jnp.argmax(x, -1))
+  for seed in range(3):
+    key = jax.random.key(seed)
+    np.testing.assert_array_equal(jax.jit(rollout.categorical)(key, x * 0.3),
+                                  jax.random.categorical(key, x * 0.3, axis=-1))
+
+
 def test_loop_all_gathers_parses_while_bodies():
   hlo = """HloModule m
 
