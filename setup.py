@@ -45,8 +45,12 @@ setup(
         "gpu": ["jax[cuda12]"],
         # The planner (python -m launch.plan) compiles for TPU topologies on any
         # machine. Keep it out of plain installs: with libtpu present, JAX
-        # without JAX_PLATFORMS=cpu probes for a TPU for minutes.
-        "plan": ["libtpu"],
+        # without JAX_PLATFORMS=cpu probes for a TPU for minutes. jax[tpu], not a
+        # bare libtpu: it pins the libtpu built for the installed jax. An unpinned
+        # libtpu (0.0.52 with jax 0.10.2) compiles, but reading the compiled HLO
+        # back fails for some programs ("async-update instruction should have 1
+        # operands but sees 3": Llama-3.1-8B evaluation generation on v5p-16).
+        "plan": ["jax[tpu]"],
         # gs:// work dirs: gcsfs backs etils.epath without TensorFlow; orbax asks
         # google-cloud-storage about the bucket (hierarchical namespace).
         "gcs": ["gcsfs", "google-cloud-storage"],

@@ -35,6 +35,24 @@ Figures (tiny, batch 32, prompt 128, new 128, greedy, 2 cores):
     GEMMs (~100 GFLOP/s, at the 2-core matmul rate) and the prefill, both compute-bound,
     so the 2x goal is not met at float32.
 
+  Prefill in the decode layout (models/decode.prefill: keys written [B,K,H,P] directly,
+    the last layer's query / attention / MLP on the last position only) and argmax as max
+    + least index (rollout.argmax), 2026-12-03: prefill 0.235 -> 0.193 s, call 0.80 ->
+    0.71 s (best of 8, load ~1). Bench, quiet (load 0.1-1.4): 1.98x / 1.92x / 1.97x best
+    (ours 0.68-0.74 s, HF 1.34-1.42 s); later the same day, the machine slower for both
+    (ours 0.86-0.95 s, HF 1.56-1.60 s, load 1.5-1.7): 1.65x / 1.87x. Same greedy tokens
+    as before both changes (greedy_agreement with HF unchanged, 0.8877).
+  Why not more at float32: a decode step reads ~40 MB (weights 14.6 MB, K and V caches
+    8 x [32,4,32,S] f32, ~26 MB at the mean S of 208) on a machine with a 32 MB L3 and
+    ~17 GB/s of copy bandwidth per core; the M=32 GEMMs that reach 160 GFLOP/s in a loop
+    of their own run at ~100 inside the step (their weights no longer stay in cache), and
+    the attention reads run at the memory rate. What was tried and dropped: an additive
+    mask instead of a select (decode 35% slower), query-blocked causal prefill attention
+    (3x faster alone, no gain in the program: XLA fused each block's slice into the q / k
+    producers), 8 decode segments instead of 4 (~1%), two independent half-batch chains per
+    step (no gain), XLA:CPU flags (concurrency-optimised scheduler, XNNPACK, YNN fusion
+    types: all slower).
+
   python bench/rollout.py [--sizes tiny,25m] [--batch 32] [--prompt 128] [--new 128]
 """
 from __future__ import annotations

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from safecrs_jax import models
 from safecrs_jax.models import decode
+from safecrs_jax.models.attention import platform_of
 from safecrs_jax import sharding as shd
 
 
@@ -142,7 +143,15 @@ def _constrain_batch(x, mesh):
   return jax.lax.with_sharding_constraint(x, shd.batch_sharding(mesh, x.ndim))
 
 
-def _prefill(model_cfg, weights, prompt_ids, prompt_mask, cfg, mesh, rules):
+def prefill_impl(mesh) -> str:
+  """"decode" (models/decode.prefill: decode-layout weights and cache, the last layer on
+  the last position only; faster on CPU) or "decoder" (the decoder's scanned
+  forward_cached: one layer's temporaries live at a time, less memory for long prompts
+  on TPU / GPU)."""
+  return "decode" if platform_of(mesh) == "cpu" else "decoder"
+
+
+def _prefill(model_cfg, params, weights, prompt_ids, prompt_mask, cfg, mesh, rules):
   """The B unique prompts through the model once -> (last logits [N, V] f32, decode cache).
 
   The prompt cache (B rows, P slots) is repeated G times along the batch and padded to
@@ -152,8 +161,14 @@ def _prefill(model_cfg, weights, prompt_ids, prompt_mask, cfg, mesh, rules):
   g = cfg.num_samples
   ids = shd.constrain(prompt_ids.astype(jnp.int32), ("act_batch", "act_length"), mesh, rules)
   mask = shd.constrain(prompt_mask.astype(jnp.int32), ("act_batch", "act_length"), mesh, rules)
-  p = ids.shape[1]
-  logits, cache = _prefill_prompts(model_cfg, weights, ids, mask, mesh=mesh, rules=rules)
+  b, p = ids.shape
+  if prefill_impl(mesh) == "decode":
+    logits, cache = _prefill_prompts(model_cfg, weights, ids, mask, mesh=mesh, rules=rules)
+  else:
+    cache = models.init_cache(model_cfg, b, p, mesh=mesh, rules=rules)
+    logits, cache = models.forward_cached(model_cfg, params, ids, mask, cache, mesh=mesh,
+                                          rules=rules, last_only=True)
+    logits, cache = logits[:, -1], decode.from_decoder_cache(model_cfg, cache)
   last = jnp.repeat(logits.astype(jnp.float32), g, axis=0)                    # [N, V]
   pos = jnp.repeat(jnp.sum(mask, axis=1, dtype=jnp.int32), g, axis=0)          # [N]
   cache = decode.from_prefill(cache, p + segment_ends(cfg)[0], g, mesh, rules)
@@ -209,7 +224,8 @@ def _generate(model_cfg, params, prompt_ids, prompt_mask, rng, cfg, mesh, rules,
   params = decode.place(model_cfg, params, mesh, rules, placement)
   tensor = 1 if mesh is None else mesh.shape.get("tensor", 1)
   weights = decode.layout(model_cfg, params, fuse=model_cfg.fuse_projections and tensor == 1)
-  last, pos, cache = _prefill(model_cfg, weights, prompt_ids, prompt_mask, cfg, mesh, rules)
+  last, pos, cache = _prefill(model_cfg, params, weights, prompt_ids, prompt_mask, cfg, mesh,
+                              rules)
   n, t_max = last.shape[0], cfg.max_new_tokens
   stop = jnp.asarray(cfg.stop_ids or (-1,), jnp.int32)
   zeros_f = _constrain_batch(jnp.zeros((n, t_max), jnp.float32), mesh)

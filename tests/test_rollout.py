@@ -202,6 +202,20 @@ def test_prefill_equals_the_decoders_cached_forward(setup, variant):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_decoder_prefill_path_equals_the_decode_prefill(setup, monkeypatch):
+  """TPU / GPU prefill with the decoder's scanned forward_cached; CPU with decode.prefill:
+  the same rollouts (forced here on CPU; the planner tests compile the other one for TPU)."""
+  params, ids, mask = setup
+  cfg = rollout.SamplingConfig(max_new_tokens=T, num_samples=2, temperature=1.0, pad_id=3)
+  assert rollout.prefill_impl(None) == "decode"
+  want = rollout.generate(CFG, params, ids, mask, jax.random.key(5), cfg)
+  monkeypatch.setattr(rollout, "prefill_impl", lambda mesh: "decoder")
+  cfg = dataclasses.replace(cfg, pad_id=4)                         # a new trace
+  got = rollout.generate(CFG, params, ids, mask, jax.random.key(5), cfg)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_allclose(got.logprobs, want.logprobs, atol=2e-5)
+
+
 def test_argmax_and_categorical_equal_jax_including_ties_and_filtered_logits():
   rng = np.random.default_rng(0)
   x = rng.integers(-3, 3, size=(64, 50)).astype(np.float32)          # many ties
