@@ -40,7 +40,8 @@ Figures (tiny, batch 32, prompt 128, new 128, greedy, 2 cores):
     + least index (rollout.argmax), 2026-12-03: prefill 0.235 -> 0.193 s, call 0.80 ->
     0.71 s (best of 8, load ~1). Bench, quiet (load 0.1-1.4): 1.98x / 1.92x / 1.97x best
     (ours 0.68-0.74 s, HF 1.34-1.42 s); later the same day, the machine slower for both
-    (ours 0.86-0.95 s, HF 1.56-1.60 s, load 1.5-1.7): 1.65x / 1.87x. Same greedy tokens
+    (ours 0.78-0.95 s, HF 1.47-1.74 s, load 1.0-1.8): 1.65x / 1.87x / 1.96x / 1.90x /
+    1.83x (medians 1.73x-2.17x). The 2x goal is at the edge, not reliably met. Same greedy tokens
     as before both changes (greedy_agreement with HF unchanged, 0.8877).
   Why not more at float32: a decode step reads ~40 MB (weights 14.6 MB, K and V caches
     8 x [32,4,32,S] f32, ~26 MB at the mean S of 208) on a machine with a 32 MB L3 and
