@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from safecrs_jax import models, rollout
+from safecrs_jax.models import decode
 from safecrs_jax import sharding as shd
 
 CFG = models.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -186,7 +187,6 @@ def test_prefill_equals_the_decoders_cached_forward(setup, variant):
   params = models.init_params(cfg, jax.random.key(3))
   want, cache = models.forward_cached(cfg, params, ids, mask, models.init_cache(cfg, 3, 5),
                                       last_only=True)
-  from safecrs_jax.models import decode
   weights = decode.layout(cfg, decode.place(cfg, params), fuse=cfg.fuse_projections)
   got, got_cache = jax.jit(decode.prefill, static_argnums=0)(cfg, weights, ids, mask)
   np.testing.assert_allclose(got, want[:, 0], rtol=1e-5, atol=1e-5)

@@ -196,16 +196,10 @@ def _prompt_attention(cfg, w, x, cos, sin, mask, last_only, mesh, rules):
   P' = 1 with last_only (only the last position's query is attended: what the last
   layer of a prefill needs), else P. mask [B,1,1,P,P].
   """
-  b, p, _ = x.shape
+  b = x.shape[0]
   nh, kh, hd, g = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_groups
   dt = dtype_of(cfg.dtype)
-  q, k, v = _project(x, w["qkv"], w.get("qkv_bias"), (nh * hd, kh * hd, kh * hd))
-  q = q.reshape(b, p, nh, hd)
-  k = k.reshape(b, p, kh, hd)
-  v = v.reshape(b, p, kh, hd)
-  if cfg.qk_norm:
-    q = _rms_norm(q, w["q_norm"], cfg.rms_norm_eps, dt)
-    k = _rms_norm(k, w["k_norm"], cfg.rms_norm_eps, dt)
+  q, k, v = _heads(cfg, w, x)                                         # [B,P,heads|K,H]
   keys = apply_rope(k, cos, sin).transpose(0, 2, 3, 1)                # [B,K,H,P]
   values = v.transpose(0, 2, 1, 3)                                    # [B,K,P,H]
   if last_only:
@@ -237,7 +231,7 @@ def prefill(cfg: ModelConfig, weights, ids, mask, mesh=None, rules=None):
   32.0 GiB per chip against 27.2).
   """
   dt = dtype_of(cfg.dtype)
-  eps, f = cfg.rms_norm_eps, cfg.intermediate_size
+  eps = cfg.rms_norm_eps
   p = ids.shape[1]
   valid = mask.astype(bool)                                           # [B,P]
   positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
@@ -253,12 +247,8 @@ def prefill(cfg: ModelConfig, weights, ids, mask, mesh=None, rules=None):
                                         att_mask, last, mesh, rules)
     ks.append(keys.astype(dt))
     vs.append(values.astype(dt))
-    x = (x[:, -1:] if last else x) + a
-    gate, up = _project(_rms_norm(x, w["ln2"], eps, dt), w["gate_up"], None, (f, f))
-    hmid = shd.constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"),
-                         mesh, rules)
-    (down,) = _project(hmid, [w["down"]], None, (cfg.hidden_size,))
-    x = shd.constrain(x + down, ("act_batch", "act_length", "act_embed"), mesh, rules)
+    x = _mlp_residual(cfg, w, (x[:, -1:] if last else x) + a, ("act_batch", "act_length"),
+                      mesh, rules)
   x = _rms_norm(x[:, -1], weights["norm"], eps, dt)                    # [B,D]
   logits = shd.constrain(jnp.dot(x, weights["head"]), ("act_batch", "act_vocab"), mesh, rules)
   return logits, {"k": tuple(ks), "v": tuple(vs), "mask": valid, "index": jnp.int32(p)}
@@ -283,18 +273,37 @@ def _project(x, kernels, biases, sizes):
   return ys
 
 
+def _heads(cfg, w, x):
+  """x [...,D] normed -> q [...,heads,H], k and v [...,K,H] (q / k RMS-normed with qk_norm)."""
+  nh, kh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  q, k, v = _project(x, w["qkv"], w.get("qkv_bias"), (nh * hd, kh * hd, kh * hd))
+  lead = x.shape[:-1]
+  q, k, v = q.reshape(*lead, nh, hd), k.reshape(*lead, kh, hd), v.reshape(*lead, kh, hd)
+  if cfg.qk_norm:
+    dt = dtype_of(cfg.dtype)
+    q = _rms_norm(q, w["q_norm"], cfg.rms_norm_eps, dt)
+    k = _rms_norm(k, w["k_norm"], cfg.rms_norm_eps, dt)
+  return q, k, v
+
+
+def _mlp_residual(cfg, w, x, names, mesh, rules):
+  """x + SwiGLU(RMSNorm(x)) for one layer; names: x's logical axes before the last."""
+  dt, f = dtype_of(cfg.dtype), cfg.intermediate_size
+  gate, up = _project(_rms_norm(x, w["ln2"], cfg.rms_norm_eps, dt), w["gate_up"], None, (f, f))
+  hmid = shd.constrain(jax.nn.silu(gate) * up, names + ("act_mlp",), mesh, rules)
+  (down,) = _project(hmid, [w["down"]], None, (cfg.hidden_size,))
+  return shd.constrain(x + down, names + ("act_embed",), mesh, rules)
+
+
 def _attention(cfg, w, x, cos, sin, k_cache, v_cache, mask, index, mesh, rules):
   """x [N,D] normed -> (out [N,D], k_cache', v_cache'); k_cache [N,K,H,S], v_cache [N,K,S,H]."""
   n_rows = x.shape[0]
   nh, kh, hd, g = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_groups
   dt = dtype_of(cfg.dtype)
-  q, k, v = _project(x, w["qkv"], w.get("qkv_bias"), (nh * hd, kh * hd, kh * hd))
-  q = q.reshape(n_rows, 1, nh, hd)                                    # [N,1,heads,H]
-  k = k.reshape(n_rows, 1, kh, hd)                                    # [N,1,K,H]
-  v = v.reshape(n_rows, kh, 1, hd)                                    # [N,K,1,H]
-  if cfg.qk_norm:
-    q = _rms_norm(q, w["q_norm"], cfg.rms_norm_eps, dt)
-    k = _rms_norm(k, w["k_norm"], cfg.rms_norm_eps, dt)
+  q, k, v = _heads(cfg, w, x)                                         # [N,heads|K,H]
+  q = q[:, None]                                                      # [N,1,heads,H]
+  k = k[:, None]                                                      # [N,1,K,H]
+  v = v[:, :, None]                                                   # [N,K,1,H]
   q = apply_rope(q, cos, sin)
   k = apply_rope(k, cos, sin).reshape(n_rows, kh, hd, 1)              # [N,K,H,1]
   zero = jnp.zeros((), jnp.int32)
@@ -317,7 +326,7 @@ def step(cfg: ModelConfig, weights, tok, pos, cache, mesh=None, rules=None):
   slot up to it (equal to decoder.forward_cached on a [N,1] input).
   """
   dt = dtype_of(cfg.dtype)
-  eps, f = cfg.rms_norm_eps, cfg.intermediate_size
+  eps = cfg.rms_norm_eps
   index = cache["index"]
   slot_mask = jax.lax.dynamic_update_slice(
       cache["mask"], jnp.ones((tok.shape[0], 1), bool), (jnp.int32(0), index))  # [N,S]
@@ -331,11 +340,7 @@ def step(cfg: ModelConfig, weights, tok, pos, cache, mesh=None, rules=None):
                                      k_cache, v_cache, mask, index, mesh, rules)
     ks.append(k_cache)
     vs.append(v_cache)
-    x = x + a
-    gate, up = _project(_rms_norm(x, w["ln2"], eps, dt), w["gate_up"], None, (f, f))
-    hmid = shd.constrain(jax.nn.silu(gate) * up, ("act_batch", "act_mlp"), mesh, rules)
-    (down,) = _project(hmid, [w["down"]], None, (cfg.hidden_size,))
-    x = shd.constrain(x + down, ("act_batch", "act_embed"), mesh, rules)
+    x = _mlp_residual(cfg, w, x + a, ("act_batch",), mesh, rules)
   x = _rms_norm(x, weights["norm"], eps, dt)
   logits = shd.constrain(jnp.dot(x, weights["head"]), ("act_batch", "act_vocab"), mesh, rules)
   return logits, {"k": tuple(ks), "v": tuple(vs), "mask": slot_mask, "index": index + 1}
