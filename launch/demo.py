@@ -21,7 +21,10 @@ from absl import flags
 from absl import logging
 
 import launch
-from safecrs_jax import demo
+from safecrs_jax import demo, sharding
+
+# Before JAX's CPU backend starts: CPU rollouts run over one device per core.
+sharding.expose_cpu_cores()
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where data, runs, reports and plots go.")
 _SIZE = flags.DEFINE_enum("size", "tiny", ["tiny", "test"],

@@ -33,6 +33,9 @@ import launch
 from safecrs_jax import evaluation
 from safecrs_jax import sharding
 
+# Before JAX's CPU backend starts: CPU rollouts run over one device per core.
+sharding.expose_cpu_cores()
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (data, model numerics, mesh and eval sections).",
     lock_config=True)

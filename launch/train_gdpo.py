@@ -19,6 +19,9 @@ import launch
 from safecrs_jax import gdpo, plan
 from safecrs_jax import sharding
 
+# Before JAX's CPU backend starts: CPU rollouts run over one device per core.
+sharding.expose_cpu_cores()
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file; use its gdpo stage (…:stage=gdpo).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, tb).")

@@ -145,6 +145,52 @@ def test_sharded_rollout_equals_single_device(setup):
   np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=5e-5)
 
 
+def test_cpu_rollout_splits_prompts_over_one_device_per_core(setup, monkeypatch):
+  """On CPU, generate runs over a data mesh of one device per core (host_mesh) when that
+  is more devices than the caller's mesh: same tokens as one device, log-probs to float32
+  noise, outputs back where the caller's arrays live."""
+  params, ids, mask = setup
+  monkeypatch.setattr(shd, "cpu_cores", lambda: 4)
+  ids4, mask4 = jnp.concatenate([ids, ids[:1]]), jnp.concatenate([mask, mask[:1]])
+  assert rollout.host_mesh(None, 4).shape == {"data": 4, "fsdp": 1, "tensor": 1}
+  assert rollout.host_mesh(None, 6).shape["data"] == 3       # the largest divisor <= 4
+  assert rollout.host_mesh(None, 5) is None                  # only 1 divides 5
+  assert rollout.host_mesh(shd.make_mesh((("fsdp", -1),)), 4) is None   # already 8 devices
+  one = shd.make_mesh((("data", 1), ("fsdp", 1), ("tensor", 1)), devices=jax.devices()[5:6])
+  assert rollout.host_mesh(one, 4).devices.size == 4
+  for cfg in (rollout.SamplingConfig(max_new_tokens=T, greedy=True),
+              rollout.SamplingConfig(max_new_tokens=T, num_samples=3, temperature=1.0,
+                                     stop_ids=(7, 9))):
+    ref = rollout.generate(CFG, params, ids4, mask4, jax.random.key(3), cfg, host_parallel=False)
+    assert ref.tokens.sharding.device_set == {jax.devices()[0]}
+    got = rollout.generate(CFG, params, ids4, mask4, jax.random.key(3), cfg)
+    assert got.tokens.sharding.device_set == {jax.devices()[0]}
+    np.testing.assert_array_equal(got.tokens, ref.tokens)
+    np.testing.assert_array_equal(got.mask, ref.mask)
+    np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=5e-5)
+    # a one-device mesh on device 5: the rollout runs on 4 devices, the outputs come back
+    on5 = jax.device_put(params, shd.replicated(one))
+    got5 = rollout.generate(CFG, on5, ids4, mask4, jax.random.key(3), cfg, mesh=one)
+    assert got5.tokens.sharding.device_set == {jax.devices()[5]}
+    np.testing.assert_array_equal(got5.tokens, ref.tokens)
+
+
+def test_expose_cpu_cores_sets_the_device_count_once(monkeypatch):
+  monkeypatch.setattr(shd, "cpu_cores", lambda: 6)
+  env = {"XLA_FLAGS": "--xla_cpu_enable_fast_math=false"}
+  assert shd.expose_cpu_cores(env) == 6
+  assert env["XLA_FLAGS"] == ("--xla_cpu_enable_fast_math=false "
+                              "--xla_force_host_platform_device_count=6")
+  assert shd.expose_cpu_cores(env) == 0 and env["XLA_FLAGS"].count("device_count") == 1
+  env = {"JAX_PLATFORMS": "tpu"}                   # the CPU backend is not used: left alone
+  assert shd.expose_cpu_cores(env) == 0 and "XLA_FLAGS" not in env
+  monkeypatch.setattr(shd, "cpu_cores", lambda: 1)
+  env = {"JAX_PLATFORMS": "cpu"}
+  assert shd.expose_cpu_cores(env) == 0 and "XLA_FLAGS" not in env
+  monkeypatch.setattr(shd, "cpu_cores", lambda: 64)
+  assert shd.expose_cpu_cores(env) == shd.MAX_CPU_DEVICES
+
+
 def test_one_prefill_per_unique_prompt(setup):
   """G samples share their prompt's prefill; results equal prefilling G copies."""
   params, ids, mask = setup
