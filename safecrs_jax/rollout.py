@@ -270,18 +270,20 @@ def generate(model_cfg, params, prompt_ids, prompt_mask, rng, cfg: SamplingConfi
                      "must both be [B, P]")
   rules = None if rules is None else tuple(map(tuple, rules))
   split = host_mesh(mesh, prompt_ids.shape[0]) if host_parallel else None
-  if split is not None and not any(isinstance(x, jax.core.Tracer) for x in
-                                   jax.tree.leaves((params, prompt_ids, prompt_mask, rng))):
+  if split is not None and any(isinstance(x, jax.core.Tracer) for x in
+                               jax.tree.leaves((params, prompt_ids, prompt_mask, rng))):
+    split = None                                   # traced by a caller's jit: keep its mesh
+  if split is not None:
     back = _output_sharding(mesh, params)
     rep, rows = shd.replicated(split), shd.batch_sharding(split, 2)
-    out = _generate(model_cfg, jax.device_put(params, rep), jax.device_put(prompt_ids, rows),
-                    jax.device_put(prompt_mask, rows), jax.device_put(rng, rep), cfg, split,
-                    rules, decode.choose_placement(model_cfg, split) if placement == "auto"
-                    else placement)
-    return jax.tree.map(lambda x: jax.device_put(x, back(x.ndim)), out)
+    params, rng = jax.device_put(params, rep), jax.device_put(rng, rep)
+    prompt_ids, prompt_mask = jax.device_put(prompt_ids, rows), jax.device_put(prompt_mask, rows)
+  run_mesh = mesh if split is None else split
   if placement == "auto":
-    placement = decode.choose_placement(model_cfg, mesh)
-  return _generate(model_cfg, params, prompt_ids, prompt_mask, rng, cfg, mesh, rules, placement)
+    placement = decode.choose_placement(model_cfg, run_mesh)
+  out = _generate(model_cfg, params, prompt_ids, prompt_mask, rng, cfg, run_mesh, rules,
+                  placement)
+  return out if split is None else jax.tree.map(lambda x: jax.device_put(x, back(x.ndim)), out)
 
 
 def host_mesh(mesh, num_prompts: int):
@@ -310,9 +312,10 @@ def _output_sharding(mesh, params):
   if mesh is not None:
     return lambda ndim: shd.batch_sharding(mesh, ndim)
   leaf = next((x for x in jax.tree.leaves(params) if isinstance(x, jax.Array)), None)
-  device = (next(iter(leaf.devices())) if leaf is not None and len(leaf.devices()) == 1
-            else jax.devices()[0])
-  return lambda ndim: jax.sharding.SingleDeviceSharding(device)
+  on_one = leaf is not None and len(leaf.devices()) == 1
+  single = jax.sharding.SingleDeviceSharding(
+      next(iter(leaf.devices())) if on_one else jax.devices()[0])
+  return lambda ndim: single
 
 
 def token_logprobs(model_cfg, params, prompt_ids, prompt_mask, completion_ids, completion_mask,
