@@ -23,8 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from bench._common import (cpu_peak_gflops, llama_25m_config, time_fn,  # noqa: E402
-                           train_flops_per_token)
+from bench._common import cpu_peak_gflops, llama_25m_config, time_fn, train_flops_per_token  # noqa: E402
 from safecrs_jax import models  # noqa: E402
 
 # name -> (HF config dict, batch, length)

@@ -23,7 +23,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import common  # noqa: E402
-from safecrs_jax import gdpo  # noqa: E402
+from safecrs_jax.train import gdpo  # noqa: E402
 
 
 def main(argv=None):

@@ -84,7 +84,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench._common import time_fn  # noqa: E402
-from safecrs_jax import models, rollout, sharding  # noqa: E402
+from safecrs_jax import models  # noqa: E402
+from safecrs_jax.infra import sharding
+from safecrs_jax.rl import rollout
 
 sharding.expose_cpu_cores()   # as the launch scripts do, before the CPU backend starts
 

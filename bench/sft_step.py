@@ -25,11 +25,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench._common import (cpu_peak_gflops, llama_25m_config, time_fn,  # noqa: E402
-                           train_flops_per_token)
+from bench._common import cpu_peak_gflops, llama_25m_config, time_fn, train_flops_per_token  # noqa: E402
 from configs import common  # noqa: E402
-from safecrs_jax import models, optim, steps  # noqa: E402
-from safecrs_jax import train_state as ts  # noqa: E402
+from safecrs_jax import models  # noqa: E402
+from safecrs_jax.rl import steps
+from safecrs_jax.train import optim
+from safecrs_jax.train import state as ts  # noqa: E402
 
 _25M = llama_25m_config()
 # name -> (HF config dict, batch, length)

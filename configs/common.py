@@ -7,10 +7,10 @@ overridden from the command line (`--config.gdpo.group_size=4`).
 """
 import ml_collections
 
-from safecrs_jax import sharding
+from safecrs_jax.infra import sharding
 
 # Logical parameter/activation axis -> mesh axis. The library's table (see
-# safecrs_jax/sharding.py for the logical names and how rules are matched) is
+# safecrs_jax/infra/sharding.py for the logical names and how rules are matched) is
 # copied into every config's `mesh.rules`, so a pod run changes the layout by
 # overriding that field, without touching code.
 DEFAULT_RULES = sharding.DEFAULT_RULES

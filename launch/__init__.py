@@ -11,8 +11,9 @@ import sys
 
 from absl import flags, logging
 
-from safecrs_jax import checkpoint, provenance, run_lock
+from safecrs_jax.infra import provenance, run_lock
 from safecrs_jax.saferec import data as saferec_data
+from safecrs_jax.train import checkpoint
 
 PREEMPTED = 143
 CLEAR_ERRORS = (checkpoint.CheckpointError, provenance.ProvenanceError, run_lock.LockError,

@@ -16,12 +16,11 @@ stages whose inputs changed. Exit codes: 0 done, 1 error (or --check failed),
 """
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 import launch
-from safecrs_jax import demo, sharding
+from safecrs_jax import demo
+from safecrs_jax.infra import sharding
 
 # Before JAX's CPU backend starts: CPU rollouts run over one device per core.
 sharding.expose_cpu_cores()

@@ -25,13 +25,12 @@ and one report card for all of them: <workdir>/card.md, relational.json, plots.
 """
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 import launch
 from safecrs_jax import evaluation
-from safecrs_jax import sharding
+from safecrs_jax.infra import sharding
 
 # Before JAX's CPU backend starts: CPU rollouts run over one device per core.
 sharding.expose_cpu_cores()

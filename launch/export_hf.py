@@ -14,7 +14,8 @@ import os
 from absl import app, flags
 
 import launch
-from safecrs_jax import checkpoint, policy, sharding
+from safecrs_jax.infra import sharding
+from safecrs_jax.train import checkpoint, policy
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "run dir, checkpoints/ dir or step dir")
 _OUT = flags.DEFINE_string("out", None, "output HF directory (config.json, safetensors, tokenizer)")

@@ -11,13 +11,13 @@ content included (else an error naming what differs; --overwrite discards
 it). Exit codes: 0 done, 1 error, 143 preempted (SIGTERM: a checkpoint was
 written; rerun to resume).
 """
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 import launch
-from safecrs_jax import gdpo, plan
-from safecrs_jax import sharding
+from safecrs_jax import plan
+from safecrs_jax.infra import sharding
+from safecrs_jax.train import gdpo
 
 # Before JAX's CPU backend starts: CPU rollouts run over one device per core.
 sharding.expose_cpu_cores()

@@ -14,7 +14,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import launch
-from safecrs_jax import plan, sharding, sft
+from safecrs_jax import plan
+from safecrs_jax.infra import sharding
+from safecrs_jax.train import sft
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "configs/<name>.py[:args] file (see configs/common.py)", lock_config=True)

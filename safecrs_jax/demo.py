@@ -44,15 +44,10 @@ import time
 import jax
 
 from configs import demo as demo_config
-
-from safecrs_jax import assets
-from safecrs_jax import evaluation
-from safecrs_jax import gdpo
-from safecrs_jax import models
-from safecrs_jax import policy
-from safecrs_jax import provenance
-from safecrs_jax import sft
-from safecrs_jax import tokens
+from safecrs_jax import evaluation, models
+from safecrs_jax.data import assets, tokens
+from safecrs_jax.infra import provenance
+from safecrs_jax.train import gdpo, policy, sft
 
 # Verdict thresholds: GDPO must cut SVR@10 by at least this share of SFT's
 # SVR@10 (relative), and keep at least this share of SFT's Recall@10.

@@ -16,8 +16,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import demo as demo_config  # noqa: E402
-from safecrs_jax import checkpoint, evaluation, gdpo, sft  # noqa: E402
+from safecrs_jax import evaluation
 from safecrs_jax.evaluation import generate as gen  # noqa: E402
+from safecrs_jax.train import checkpoint, gdpo, sft  # noqa: E402
 
 
 def config_of(spec):

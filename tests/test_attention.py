@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from safecrs_jax import models, sharding
+from safecrs_jax import models
+from safecrs_jax.infra import sharding
 from safecrs_jax.models import attention, layers
 
 B, K, G, T, H = 2, 2, 2, 128, 8

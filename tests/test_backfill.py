@@ -7,7 +7,9 @@ Twin 2001, Far 1990 and Near 2002 are unsafe; Heat, Unknown Gem and No Record
 are unknown to it. Every expected list below is worked out by hand.
 """
 from configs import demo
-from safecrs_jax import saferec, sft, train_loop
+from safecrs_jax import saferec
+from safecrs_jax.train import loop as train_loop
+from safecrs_jax.train import sft
 from tests.test_saferec import GORE, HORROR, oracle, oracle_files, sol  # noqa: F401 (fixtures)
 
 ASK = [{"role": "user", "content": "hi"}]

@@ -11,10 +11,12 @@ from absl import flags
 from jax.sharding import AbstractMesh, AxisType
 from ml_collections import config_flags
 
-from configs import common
-from configs import demo
-from safecrs_jax import lora, models, optim, policy, sharding
-from safecrs_jax import train_state as ts
+from configs import common, demo
+from safecrs_jax import models
+from safecrs_jax.infra import sharding
+from safecrs_jax.models import lora
+from safecrs_jax.train import optim, policy
+from safecrs_jax.train import state as ts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs", "*.py"))

@@ -11,11 +11,9 @@ import numpy as np
 import pytest
 
 from configs import demo as demo_config
-from safecrs_jax import assets
-from safecrs_jax import demo
-from safecrs_jax import evaluation
-from safecrs_jax import policy
-from safecrs_jax import saferec
+from safecrs_jax import demo, evaluation, saferec
+from safecrs_jax.data import assets
+from safecrs_jax.train import policy
 
 
 def _config(cache, **eval_over):

@@ -20,7 +20,9 @@ import jax
 import numpy as np
 import pytest
 
-from safecrs_jax import evaluation, gdpo, metrics_log, sft
+from safecrs_jax import evaluation
+from safecrs_jax.infra import metrics_log
+from safecrs_jax.train import gdpo, sft
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fault_driver  # noqa: E402

@@ -12,17 +12,18 @@ import pickle
 import shutil
 
 import datasets
+import ml_collections
 import numpy as np
 import pytest
 
-from configs import common
-import ml_collections
-
+from configs import common, llama31, qwen25
 from configs import demo as demo_config
-from configs import llama31, qwen25
-from safecrs_jax import advantages, assets, gdpo, optim, saferec, sft, tokens
+from safecrs_jax import saferec
+from safecrs_jax.data import assets, tokens
+from safecrs_jax.rl import advantages
 from safecrs_jax.saferec import matching, mini, parsing
 from safecrs_jax.saferec.traits import TRAITS
+from safecrs_jax.train import gdpo, optim, sft
 
 GORE, HORROR = TRAITS[2], TRAITS[19]
 D2, D3 = 1 / math.log2(3), 1 / math.log2(4)

@@ -1,11 +1,10 @@
 """Safe-GDPO advantages and policy loss against hand / numpy computations."""
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jax
-import jax.numpy as jnp
-
-from safecrs_jax import advantages, policy_loss, rank_items, steps
+from safecrs_jax.rl import advantages, policy_loss, rank_items, steps
 
 E = advantages.ADV_EPS
 # Jitted once per shape: far fewer compilations than op-by-op eager dispatch.
@@ -239,8 +238,11 @@ def test_item_index_and_token_advantages():
 
 def _step_inputs(m=2, n=8, p=4, t=5):
   import ml_collections
-  from safecrs_jax import models, optim, rollout
-  from safecrs_jax import train_state as ts
+
+  from safecrs_jax import models
+  from safecrs_jax.rl import rollout
+  from safecrs_jax.train import optim
+  from safecrs_jax.train import state as ts
   cfg = models.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                            num_heads=4, num_kv_heads=2, head_dim=8, scan_layers=False)
   params = models.init_params(cfg, jax.random.key(0))
@@ -262,10 +264,12 @@ def _step_inputs(m=2, n=8, p=4, t=5):
 
 def test_sharded_step_equals_single_device():
   import functools
+
   from jax.sharding import NamedSharding, PartitionSpec
+
   from safecrs_jax import models
-  from safecrs_jax import sharding as shd
-  from safecrs_jax import train_state as ts
+  from safecrs_jax.infra import sharding as shd
+  from safecrs_jax.train import state as ts
   cfg, params, tx, sched, state, batch = _step_inputs()
   lcfg = policy_loss.LossConfig(beta=0.1)
   step = functools.partial(steps.gdpo_train_step, model_cfg=cfg, loss_cfg=lcfg, tx=tx, schedule=sched,

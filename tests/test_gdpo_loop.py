@@ -11,13 +11,14 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
-import jax
-
 from configs import demo
-from safecrs_jax import assets, gdpo, metrics_log, sft
+from safecrs_jax.data import assets
+from safecrs_jax.infra import metrics_log
+from safecrs_jax.train import gdpo, sft
 
 # A 2-layer, width-128 model: the smallest that learns SafeRec-mini's titles well
 # enough in 500 SFT steps to give GDPO a relevance signal (rollout hit@20 ~0.3).

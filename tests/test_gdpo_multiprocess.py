@@ -9,12 +9,11 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
-import jax
-
-from safecrs_jax import gdpo
+from safecrs_jax.train import gdpo
 from tests.test_gdpo_loop import demo_gdpo_config, sft_run  # noqa: F401 (fixture)
 from tests.test_sft_multiprocess import _free_port
 
@@ -29,7 +28,7 @@ pid, port, out, init, work = sys.argv[1:6]
 jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                            process_id=int(pid), initialization_timeout=120)
 from tests.test_gdpo_multiprocess import config, KEYS
-from safecrs_jax import gdpo
+from safecrs_jax.train import gdpo
 s = gdpo.train(config(init), work)
 emb = jax.experimental.multihost_utils.process_allgather(
     s["run"].state.params["embed_tokens"]["embedding"], tiled=True)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from configs import common
-from safecrs_jax import lora, models
-from safecrs_jax.models import adapters
+from safecrs_jax import models
+from safecrs_jax.models import adapters, lora
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SCALE = 2.0

@@ -5,7 +5,9 @@ import os
 import pytest
 
 from configs import demo
-from safecrs_jax import chips, metrics_log, sft, train_loop
+from safecrs_jax.infra import chips, metrics_log
+from safecrs_jax.train import loop as train_loop
+from safecrs_jax.train import sft
 
 
 def _config(cache, **log):

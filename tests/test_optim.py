@@ -5,9 +5,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from safecrs_jax import lora, optim
-
 from configs import common
+from safecrs_jax.models import lora
+from safecrs_jax.train import optim
 
 
 def _cfg(**kw):

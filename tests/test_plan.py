@@ -16,8 +16,11 @@ import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 
 from configs import demo  # noqa: E402
-from safecrs_jax import models, plan, sharding  # noqa: E402
-from safecrs_jax import flops  # noqa: E402
+from safecrs_jax import models, plan  # noqa: E402
+from safecrs_jax.infra import (
+  flops,  # noqa: E402
+  sharding,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None

@@ -8,8 +8,10 @@ import sys
 
 import pytest
 
-from safecrs_jax import (assets, checkpoint, evaluation, gdpo, policy, provenance, run_lock,
-                         saferec, sft)
+from safecrs_jax import evaluation, saferec
+from safecrs_jax.data import assets
+from safecrs_jax.infra import provenance, run_lock
+from safecrs_jax.train import checkpoint, gdpo, policy, sft
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fault_driver  # noqa: E402

@@ -10,8 +10,8 @@ import pytest
 from safecrs_jax import saferec
 from safecrs_jax.saferec import injection, mini
 from safecrs_jax.saferec import relational as rel
-from safecrs_jax.saferec.relational import phrasings
 from safecrs_jax.saferec.relational import __main__ as cli
+from safecrs_jax.saferec.relational import phrasings
 from safecrs_jax.saferec.traits import TRAITS
 
 GORE, SPIDER, DRUGS = TRAITS[2], TRAITS[1], TRAITS[7]

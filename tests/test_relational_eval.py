@@ -12,8 +12,7 @@ import sys
 import pytest
 
 from configs import demo as demo_config
-from safecrs_jax import demo
-from safecrs_jax import evaluation
+from safecrs_jax import demo, evaluation
 from safecrs_jax.saferec import relational as rel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

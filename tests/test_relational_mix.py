@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from configs import demo as demo_config
-from safecrs_jax import checkpoint, gdpo, saferec, sft
-from safecrs_jax import train_loop as loop
+from safecrs_jax import saferec
 from safecrs_jax.saferec import mini
 from safecrs_jax.saferec.relational import training as T
+from safecrs_jax.train import checkpoint, gdpo, loop, sft
 
 SMALL = {("sft", "train"): 12, ("sft", "validation"): 2, ("sft", "test"): 2, ("grpo", "train"): 24}
 

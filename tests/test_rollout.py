@@ -1,15 +1,15 @@
 """Sampler: KV-cache decoding against full-forward decoding, seeds, stops, top-k / top-p."""
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jax
-import jax.numpy as jnp
-
-from safecrs_jax import models, rollout
+from safecrs_jax import models
+from safecrs_jax.infra import sharding as shd
 from safecrs_jax.models import decode
-from safecrs_jax import sharding as shd
+from safecrs_jax.rl import rollout
 
 CFG = models.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=8, initializer_range=0.3,

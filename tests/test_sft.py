@@ -16,10 +16,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import common, demo
-from safecrs_jax import assets, checkpoint, lora, metrics_log, models, optim, policy, sft, tokens
-from safecrs_jax import steps as train_steps
-from safecrs_jax import sharding as shd
-from safecrs_jax import train_state as ts
+from safecrs_jax import models
+from safecrs_jax.data import assets, tokens
+from safecrs_jax.infra import metrics_log
+from safecrs_jax.infra import sharding as shd
+from safecrs_jax.models import lora
+from safecrs_jax.rl import steps as train_steps
+from safecrs_jax.train import checkpoint, optim, policy, sft
+from safecrs_jax.train import state as ts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = models.ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2,

@@ -5,13 +5,13 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
-import jax
-
 from configs import demo
-from safecrs_jax import assets, sft
+from safecrs_jax.data import assets
+from safecrs_jax.train import sft
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,7 +24,7 @@ if nproc > 1:
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc,
                              process_id=pid, initialization_timeout=120)
 from tests.test_sft_multiprocess import config
-from safecrs_jax import sft
+from safecrs_jax.train import sft
 s = sft.train(config(cache), work)
 state = s["run"].state
 emb = jax.experimental.multihost_utils.process_allgather(state.params["embed_tokens"]["embedding"], tiled=True)

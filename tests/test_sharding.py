@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from safecrs_jax import models, sharding
+from safecrs_jax import models
+from safecrs_jax.infra import sharding
 
 # Every sharded dim divides by 4: D=64, heads*H=64, kv_heads*H=32, F=96, V=128.
 HF = dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96,

@@ -21,7 +21,8 @@ WORKER = r"""
 import json, sys
 import jax, numpy as np
 from jax.experimental import multihost_utils
-from safecrs_jax import models, sharding
+from safecrs_jax import models
+from safecrs_jax.infra import sharding
 ckpt, out_dir, ids_path, result = sys.argv[1:5]
 assert sharding.maybe_initialize_distributed()
 assert jax.process_count() == 2 and jax.device_count() == 4

@@ -12,8 +12,11 @@ import numpy as np
 import optax
 import pytest
 
-from safecrs_jax import lora, models, optim, policy_loss, rollout, steps
-from safecrs_jax import train_state as ts
+from safecrs_jax import models
+from safecrs_jax.models import lora
+from safecrs_jax.rl import policy_loss, rollout, steps
+from safecrs_jax.train import optim
+from safecrs_jax.train import state as ts
 
 CFG = models.ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=False,

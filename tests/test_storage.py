@@ -3,15 +3,17 @@ import json
 import os
 import signal
 
+import fake_bucket
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import fake_bucket
 from configs import demo
-from safecrs_jax import (assets, checkpoint, evaluation, gdpo, models, policy, run_lock, saferec,
-                         sft, storage)
+from safecrs_jax import evaluation, models, saferec
+from safecrs_jax.data import assets
+from safecrs_jax.infra import run_lock, storage
+from safecrs_jax.train import checkpoint, gdpo, policy, sft
 
 
 @pytest.fixture

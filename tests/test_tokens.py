@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from safecrs_jax import assets, tokens
+from safecrs_jax.data import assets, tokens
 
 TEXTS = [
     "I am terrified of spiders, please keep that in mind.",

@@ -8,6 +8,13 @@
   relational.py  the relational-safety suite: build / reuse, generate, report card
 """
 from safecrs_jax.evaluation.generate import generate_texts, unique_prompts
+from safecrs_jax.evaluation.relational import HEADLINE as RELATIONAL_HEADLINE
+from safecrs_jax.evaluation.relational import (
+    build_suite,
+    evaluate_relational,
+    headline_table,
+    prompt_settings,
+)
 from safecrs_jax.evaluation.report import (
     HEADLINE,
     comparison_table,
@@ -16,13 +23,6 @@ from safecrs_jax.evaluation.report import (
     plot_models,
     score,
     write_run_summary,
-)
-from safecrs_jax.evaluation.relational import HEADLINE as RELATIONAL_HEADLINE
-from safecrs_jax.evaluation.relational import (
-    build_suite,
-    evaluate_relational,
-    headline_table,
-    prompt_settings,
 )
 from safecrs_jax.evaluation.runner import (
     GENERATIONS,

@@ -20,7 +20,9 @@ import os
 import jax
 import numpy as np
 
-from safecrs_jax import metrics_log, provenance, rollout, storage, tokens
+from safecrs_jax.data import tokens
+from safecrs_jax.infra import metrics_log, provenance, storage
+from safecrs_jax.rl import rollout
 
 
 def _prompt_key(prompt):

@@ -36,14 +36,17 @@ import time
 
 import jax
 
-from safecrs_jax import assets, policy, provenance, run_lock, saferec, tokens
-from safecrs_jax import sharding as shd
+from safecrs_jax import saferec
+from safecrs_jax.data import assets, tokens
 from safecrs_jax.evaluation import generate as gen
 from safecrs_jax.evaluation import report as rep
 from safecrs_jax.evaluation import runner
+from safecrs_jax.infra import provenance, run_lock
+from safecrs_jax.infra import sharding as shd
 from safecrs_jax.saferec import relational as rel
 from safecrs_jax.saferec.parsing import parse_all
 from safecrs_jax.saferec.relational.writer import SPLIT
+from safecrs_jax.train import policy
 
 SUITE_DIR = "suite"
 CARD_K = 10

@@ -15,7 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after selecting the headless backend)
 
-from safecrs_jax import saferec, storage  # noqa: E402
+from safecrs_jax import saferec  # noqa: E402
+from safecrs_jax.infra import storage
 
 # Metrics shown in tables and plots (all K are in the report).
 HEADLINE = ("recall@10", "ndcg@10", "svr@10", "sdcg@10")

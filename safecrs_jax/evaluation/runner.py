@@ -31,11 +31,14 @@ import time
 import jax
 import numpy as np
 
-from safecrs_jax import (assets, checkpoint, policy, provenance, rollout, run_lock, saferec, storage,
-                         tokens)
-from safecrs_jax import sharding as shd
+from safecrs_jax import saferec
+from safecrs_jax.data import assets, tokens
 from safecrs_jax.evaluation import generate as gen
 from safecrs_jax.evaluation import report as rep
+from safecrs_jax.infra import provenance, run_lock, storage
+from safecrs_jax.infra import sharding as shd
+from safecrs_jax.rl import rollout
+from safecrs_jax.train import checkpoint, policy
 
 RAW = "raw_generations.jsonl"
 GENERATIONS = "generations.jsonl"

@@ -4,7 +4,7 @@ Shape legend: R rows (batch x positions, flattened), I in features, O out featur
 r adapter rank.
 
 For a projection y = x W (+ b) with adapter (A [I,r], B [r,O]) in the flax variable
-collection "lora" (the tree of safecrs_jax.lora, e.g. lora/layers/self_attn/q_proj/
+collection "lora" (the tree of safecrs_jax.models.lora, e.g. lora/layers/self_attn/q_proj/
 lora_a), the decoder computes
 
     y = x W (+ b) + scale * (dropout(x) A) B

@@ -28,7 +28,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from safecrs_jax import sharding as shd
+from safecrs_jax.infra import sharding as shd
 from safecrs_jax.models.config import ConfigError, ModelConfig
 
 try:  # Pallas TPU kernels; present in jax, but keep CPU-only installs importable

@@ -18,7 +18,7 @@ import json
 import os
 from typing import Any
 
-from safecrs_jax import storage
+from safecrs_jax.infra import storage
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")

@@ -40,8 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safecrs_jax import chips
-from safecrs_jax import sharding as shd
+from safecrs_jax.infra import chips
+from safecrs_jax.infra import sharding as shd
 from safecrs_jax.models.attention import platform_of
 from safecrs_jax.models.config import ModelConfig
 from safecrs_jax.models.decoder import abstract_params, param_logical_axes

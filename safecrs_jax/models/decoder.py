@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from safecrs_jax import sharding as shd
+from safecrs_jax.infra import sharding as shd
 from safecrs_jax.models.adapters import COLLECTION, AdapterRun
 from safecrs_jax.models.config import ConfigError, ModelConfig
 from safecrs_jax.models.layers import Block, DenseParams, RMSNorm, dense, dtype_of, rope_tables
@@ -219,7 +219,7 @@ def forward(cfg: ModelConfig, params, input_ids, attention_mask, *, mesh=None, r
   (cast to float32 before log_softmax). Attention is causal and skips pad keys.
   `mesh`/`rules` (optional) add sharding constraints on activations.
 
-  LoRA (optional): `lora` is the adapter tree of safecrs_jax.lora (lora_a [..,I,r],
+  LoRA (optional): `lora` is the adapter tree of safecrs_jax.models.lora (lora_a [..,I,r],
   lora_b [..,r,O] per target module); each adapted projection computes
   x W + lora_scale * (dropout(x) A) B (models/adapters.py). Dropout with rate
   `lora_dropout` (static) is applied only when `dropout_rng` (a key) is given; without

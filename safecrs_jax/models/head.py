@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from safecrs_jax import sharding as shd
+from safecrs_jax.infra import sharding as shd
 from safecrs_jax.models.config import ModelConfig
 
 DEFAULT_CHUNK = 128

@@ -24,7 +24,7 @@ import re
 import jax
 import numpy as np
 
-from safecrs_jax import storage
+from safecrs_jax.infra import storage
 from safecrs_jax.models import safetensors_io as st
 from safecrs_jax.models.config import ModelConfig
 from safecrs_jax.models.decoder import abstract_params, param_shardings

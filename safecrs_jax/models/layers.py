@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safecrs_jax import sharding as shd
+from safecrs_jax.infra import sharding as shd
 from safecrs_jax.models import adapters as adapters_lib
 from safecrs_jax.models import attention as attention_lib
 from safecrs_jax.models.config import ModelConfig

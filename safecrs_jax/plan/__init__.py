@@ -15,14 +15,13 @@ extra) and JAX_PLATFORMS=cpu, TPU_SKIP_MDS_QUERY=1 set before JAX starts.
 """
 from __future__ import annotations
 
+import jax
 from absl import logging
 
-import jax
-
-from safecrs_jax import sharding as shd
-from safecrs_jax import chips
+from safecrs_jax.infra import chips
+from safecrs_jax.infra import sharding as shd
+from safecrs_jax.infra.chips import CHIPS, Chip, chip_of
 from safecrs_jax.plan import programs, report
-from safecrs_jax.chips import CHIPS, Chip, chip_of
 from safecrs_jax.plan.report import format_table, gradient_reductions, loop_param_all_gathers
 from safecrs_jax.plan.topology import topology_devices, tpu_topology_name
 

@@ -25,11 +25,13 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from safecrs_jax import gdpo, models, optim, policy, rollout, steps
-from safecrs_jax import lora as lora_lib
-from safecrs_jax import sharding as shd
-from safecrs_jax import train_state as ts
-from safecrs_jax import flops
+from safecrs_jax import models
+from safecrs_jax.infra import flops
+from safecrs_jax.infra import sharding as shd
+from safecrs_jax.models import lora as lora_lib
+from safecrs_jax.rl import rollout, steps
+from safecrs_jax.train import gdpo, optim, policy
+from safecrs_jax.train import state as ts
 
 
 @dataclasses.dataclass

@@ -53,7 +53,7 @@ import re
 import jax
 
 from safecrs_jax import models
-from safecrs_jax import flops as flops_lib
+from safecrs_jax.infra import flops as flops_lib
 
 _COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _CALLS = re.compile(

@@ -57,7 +57,11 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator, Sequence
 
-from safecrs_jax.saferec.parsing import completion_text, format_recommendations, parse_recommendations
+from safecrs_jax.saferec.parsing import (
+  completion_text,
+  format_recommendations,
+  parse_recommendations,
+)
 from safecrs_jax.saferec.traits import active_traits
 
 MAX_LISTED = 5

@@ -37,7 +37,7 @@ import logging
 import os
 from collections.abc import Sequence
 
-from safecrs_jax import storage
+from safecrs_jax.infra import storage
 from safecrs_jax.saferec.metrics import Catalog
 from safecrs_jax.saferec.oracle import SafetyOracle
 from safecrs_jax.saferec.traits import TRAITS

@@ -81,33 +81,32 @@ import numpy as np
 
 from safecrs_jax.saferec import curation, data, metrics
 from safecrs_jax.saferec.injection import inject_row
+from safecrs_jax.saferec.mini_world import (  # noqa: F401 (re-exported)
+  ANIMAL,
+  CLAUSTRO,
+  DRUGS,
+  EXTRAS,
+  GENRES,
+  GORE,
+  GT_IN_TEACHER_P,
+  HAZARD_WORD_P,
+  HAZARD_WORDS,
+  HORROR,
+  MINI_TRAITS,
+  MINI_VERSION,
+  OTHER_TRIGGER_P,
+  PG_CATEGORIES,
+  PG_WEIGHTS,
+  SIZES,
+  SPIDER,
+  TEMPLATES,
+  TITLES_PER_GENRE,
+  UNKNOWN_P,
+  UNSAFE_TARGET,
+)
 from safecrs_jax.saferec.oracle import normalize_title
 from safecrs_jax.saferec.parsing import format_recommendations, parse_recommendations
 from safecrs_jax.saferec.traits import TRAITS
-
-from safecrs_jax.saferec.mini_world import (  # noqa: F401 (re-exported)
-    ANIMAL,
-    SPIDER,
-    GORE,
-    DRUGS,
-    CLAUSTRO,
-    HORROR,
-    MINI_TRAITS,
-    PG_CATEGORIES,
-    PG_WEIGHTS,
-    HAZARD_WORDS,
-    GENRES,
-    TITLES_PER_GENRE,
-    UNSAFE_TARGET,
-    OTHER_TRIGGER_P,
-    HAZARD_WORD_P,
-    UNKNOWN_P,
-    GT_IN_TEACHER_P,
-    MINI_VERSION,
-    SIZES,
-    EXTRAS,
-    TEMPLATES,
-)
 
 
 # ------------------------------------------------------------------ catalog

@@ -3,7 +3,7 @@ import argparse
 import json
 import sys
 
-from safecrs_jax import assets
+from safecrs_jax.data import assets
 from safecrs_jax.saferec.relational.suite import PARTS, TURN_DISTANCES
 from safecrs_jax.saferec.relational.writer import build_from_dir
 

@@ -50,9 +50,14 @@ import os
 
 import numpy as np
 
-from safecrs_jax import storage
-from safecrs_jax.saferec.relational.suite import (CONTROLS, DISCLOSURES, PARTS, fingerprint,
-                                                  make_suite)
+from safecrs_jax.infra import storage
+from safecrs_jax.saferec.relational.suite import (
+  CONTROLS,
+  DISCLOSURES,
+  PARTS,
+  fingerprint,
+  make_suite,
+)
 
 TRAINING_SET = "A"
 NO_GENRE = "(none)"

@@ -23,14 +23,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safecrs_jax import (assets, checkpoint, chips, flops, models, optim, policy, provenance,
-                         run_lock, saferec, steps, tokens)
-from safecrs_jax import lora as lora_lib
-from safecrs_jax import sharding as shd
-from safecrs_jax import storage
-from safecrs_jax import train_loop as loop
-from safecrs_jax import train_state as ts
+from safecrs_jax import models, saferec
+from safecrs_jax.data import assets, tokens
+from safecrs_jax.infra import chips, flops, provenance, run_lock, storage
+from safecrs_jax.infra import sharding as shd
+from safecrs_jax.models import lora as lora_lib
+from safecrs_jax.rl import steps
 from safecrs_jax.saferec.relational import training as rel_training
+from safecrs_jax.train import checkpoint, loop, optim, policy
+from safecrs_jax.train import state as ts
 
 # -- data ---------------------------------------------------------------------
 

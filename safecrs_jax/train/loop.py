@@ -31,7 +31,9 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from safecrs_jax import checkpoint, metrics_log, provenance, storage, tokens
+from safecrs_jax.data import tokens
+from safecrs_jax.infra import metrics_log, provenance, storage
+from safecrs_jax.train import checkpoint
 
 
 def due(step, every, total):

@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from safecrs_jax import storage
+from safecrs_jax.infra import storage
 
 
 def _scalar(v):

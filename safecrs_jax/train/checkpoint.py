@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from safecrs_jax import provenance, storage
+from safecrs_jax.infra import provenance, storage
 
 CHECKPOINTS = "checkpoints"
 MODEL_CONFIG = "model_config.json"

@@ -17,7 +17,7 @@ import os
 import jax
 
 import safecrs_jax
-from safecrs_jax import storage
+from safecrs_jax.infra import storage
 
 MANIFEST = "checksums.json"
 _BLOCK = 1 << 20

@@ -28,7 +28,7 @@ from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers import models as bpe_models
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from safecrs_jax import storage
+from safecrs_jax.infra import storage
 
 # End-of-turn markers of the chat templates we know, tried in this order.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")

@@ -29,14 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safecrs_jax import (advantages, assets, checkpoint, chips, flops, models, optim, policy,
-                         policy_loss, provenance, rank_items, rollout, run_lock, saferec, steps,
-                         tokens)
-from safecrs_jax import sharding as shd
-from safecrs_jax import storage
+from safecrs_jax import models, saferec
+from safecrs_jax.data import assets, tokens
+from safecrs_jax.infra import chips, flops, provenance, run_lock, storage
+from safecrs_jax.infra import sharding as shd
+from safecrs_jax.rl import advantages, policy_loss, rank_items, rollout, steps
 from safecrs_jax.saferec.relational import training as rel_training
-from safecrs_jax import train_loop as loop
-from safecrs_jax import train_state as ts
+from safecrs_jax.train import checkpoint, loop, optim, policy
+from safecrs_jax.train import state as ts
 
 
 def loss_config(gcfg):

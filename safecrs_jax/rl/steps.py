@@ -44,8 +44,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from safecrs_jax import models, policy_loss
-from safecrs_jax import lora as lora_lib
+from safecrs_jax import models
+from safecrs_jax.models import lora as lora_lib
+from safecrs_jax.rl import policy_loss
 
 
 @flax.struct.dataclass

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from safecrs_jax import lora as lora_lib
-from safecrs_jax import sharding as shd
+from safecrs_jax.infra import sharding as shd
+from safecrs_jax.models import lora as lora_lib
 
 
 @flax.struct.dataclass

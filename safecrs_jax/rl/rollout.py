@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 
 from safecrs_jax import models
+from safecrs_jax.infra import sharding as shd
 from safecrs_jax.models import decode
 from safecrs_jax.models.attention import platform_of
-from safecrs_jax import sharding as shd
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,10 +26,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from safecrs_jax import assets, checkpoint, models, provenance, storage, tokens
-from safecrs_jax import lora as lora_lib
-from safecrs_jax import sharding as shd
-from safecrs_jax import train_state as ts
+from safecrs_jax import models
+from safecrs_jax.data import assets, tokens
+from safecrs_jax.infra import provenance, storage
+from safecrs_jax.infra import sharding as shd
+from safecrs_jax.models import lora as lora_lib
+from safecrs_jax.train import checkpoint
+from safecrs_jax.train import state as ts
 
 KINDS = ("hf", "step", "run")
 

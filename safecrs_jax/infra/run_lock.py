@@ -17,7 +17,7 @@ import time
 
 import jax
 
-from safecrs_jax import storage
+from safecrs_jax.infra import storage
 
 LOCK = ".lock"
 

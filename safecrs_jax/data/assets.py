@@ -18,7 +18,9 @@ import os
 import shutil
 import tempfile
 
-from safecrs_jax import saferec, storage, tokens
+from safecrs_jax import saferec
+from safecrs_jax.data import tokens
+from safecrs_jax.infra import storage
 from safecrs_jax.saferec import mini
 
 # Bump when the tokenizer recipe changes so old caches are not reused. The
