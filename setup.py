@@ -29,7 +29,7 @@ setup(
         "ml-collections>=0.1.1",
         "absl-py>=2.0",
         "numpy>=1.26",
-        # Metric writers and plots (see README "Outputs"):
+        # Metric writers and plots (docs/scaling.md, "Watching a run"):
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
         "tqdm>=4.66",
@@ -40,7 +40,7 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "wandb>=0.17"],
         # Weights & Biases writer (log.wandb_project); the test extra has it to test offline.
         "wandb": ["wandb>=0.17"],
-        # Accelerator builds of jax; documented in the README, not used in CI.
+        # Accelerator builds of jax; documented in docs/scaling.md, not used in CI.
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
         # The planner (python -m launch.plan) compiles for TPU topologies on any

@@ -6,7 +6,7 @@
 arg: stage=sft|gdpo, data_dir= (default "mini"), model_dir= (HF dir instead of
 the random-init preset), size=tiny|test ("test" is a 2-layer width-64 model for
 unit tests and smoke runs), relational=off|twins|on (what relational-suite rows
-the training sees; README, "Training for it"):
+the training sees; docs/relational-safety.md, "Training for it"):
   off (default)    plain rows in both stages, the reference's two rewards.
   twins            Safe-SFT on plain rows; Safe-GDPO mixes in counterfactual
                    twin triples (constrained / neutral / decoy) of the training
@@ -64,7 +64,7 @@ def get_config(arg=None):
   # for withholding a hazard from the user who stated it and for keeping it for
   # the users who did not. The count reward (target 10) stops it buying safety
   # with shorter lists. Seed 0: the best relational figures of any recipe; seed
-  # 1: it misses the SafeRec cut (README, "Training for it"), so it is not the default.
+  # 1: it misses the SafeRec cut (docs/relational-safety.md), so it is not the default.
   if twins:
     c.data.relational_mix = 0.375
     c.data.relational_parts = ("counterfactual",)
@@ -90,7 +90,8 @@ def get_config(arg=None):
   # 80 steps (~3 minutes on 2 CPU cores). At 40 the SVR cut rode on the float
   # summation order: the same recipe gave -26%, -34% and -3% on three code
   # versions whose only difference was the order of float sums (another
-  # trajectory each); at 80 it gives -53% (README, "Will it be the same table?").
+  # trajectory each); at 80 it gives -53% (docs/getting-started.md, "Will it be the
+  # same table?").
   c.gdpo.num_steps = 80
   c.gdpo.batch_size = 32             # completions per step: 8 prompts x G = 4
   c.gdpo.grad_accum = 1

@@ -1,7 +1,7 @@
 """safecrs_jax: SafeCRS (Safe-SFT + Safe-GDPO) on SafeRec, in JAX/Flax.
 
 The modules follow the data path — rows -> tokens -> model -> text -> rewards
--> advantages -> loss -> update -> loop (README "Layout"):
+-> advantages -> loss -> update -> loop (docs/architecture.md):
 
   saferec/       the benchmark, host-side: traits, injection, oracle, parsing,
                  matching, rewards (a registry by name), metrics, curation,
