@@ -1,31 +1,24 @@
 """safecrs_jax: SafeCRS (Safe-SFT + Safe-GDPO) on SafeRec, in JAX/Flax.
 
-The modules follow the data path — rows -> tokens -> model -> text -> rewards
--> advantages -> loss -> update -> loop (docs/architecture.md):
+The packages follow the layers, lowest first (docs/architecture.md):
 
-  saferec/       the benchmark, host-side: traits, injection, oracle, parsing,
-                 matching, rewards (a registry by name), metrics, curation,
-                 loaders, SafeRec-mini
-  tokens         tokenizers, chat templates, loss masks, buckets
-  models/        ModelConfig, the linen decoder, KV cache, HF I/O
-  sharding       meshes, logical rules, batch shardings, host <-> global arrays
-  policy         a run's model config; the one loader (preset | HF dir | orbax)
-  rollout        prefill + KV-cache decode, sampling, log-probs
-  advantages     rewards -> advantages (gdpo / grpo / rank), diagnostics
-  policy_loss    clipped objective, KL, aggregations
-  rank_items     rank mode: completion token -> list item
-  steps          the jitted SFT and GDPO steps over one accumulation scan
-  train_loop     run directory, restore-or-init, cadence, preemption, the loop
-  sft, gdpo      the two stages: setup and the body of a step
-  evaluation/    resumable generation; scoring, reports, tables, plots
-  checkpoint     orbax save / restore; per-step checksums, damage checks
-  provenance     content hashes, fingerprints, the check on every reuse
-  run_lock       one run per work directory
-  optim, lora, train_state, metrics_log, assets, demo
+  config        the typed config schema: every default stated once
+  infra/        storage (local, gs://), sharding and multi-host start,
+                provenance, run lock, chips / FLOPs, metric writers
+  models/       ModelConfig, the linen decoder, attention, KV-cache decode,
+                LoRA, HF I/O
+  saferec/      the benchmark, host-side: traits, injection, oracle, parsing,
+                matching, rewards (a registry by name), metrics, curation,
+                loaders, SafeRec-mini, the relational suite
+  data/         tokenizers, chat templates, buckets; cached run assets
+  rl/           rollouts, advantages, policy loss, rank items, learner steps
+  train/        state, optimizer, loop, checkpoints, policy loading, the stages
+  evaluation/   resumable generation; scoring, reports, tables, plots
+  plan/         AOT compilation for TPU topologies
+  demo          the whole pipeline on SafeRec-mini
 
-Imports point one way: launch/ and demo -> stages and evaluation -> loop,
-steps, policy, rollout, advantages, losses -> models, sharding, tokens,
-saferec, checkpoint, optim, lora, metric writers. No stage imports another.
+Each layer imports only the layers listed above it; no stage imports another
+(tests/test_architecture.py).
 
 Shape letters, used in every docstring and shape comment of the package:
   A  micro-batches accumulated per optimizer step
@@ -46,10 +39,8 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "models", "sharding", "tokens", "saferec", "optim", "checkpoint", "policy", "rollout",
-    "advantages", "policy_loss", "rank_items", "steps", "train_loop", "sft", "gdpo",
-    "evaluation", "metrics_log", "lora", "assets", "train_state", "demo", "plan", "provenance",
-    "run_lock", "chips", "flops",
+    "config", "infra", "models", "saferec", "data", "rl", "train", "evaluation", "plan",
+    "demo",
 )
 
 
