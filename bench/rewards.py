@@ -75,16 +75,18 @@ def make_world(n_movies, batch, items, seed=0):
     cons = {} if rng.random() < 0.1 else {saferec.TRAITS[int(rng.integers(20))]: True}
     rows.append({"groundtruth_with_release_year": gt, "seen_titles": [picks[0][0]] if rng.random() < 0.3 else [],
                  "constraints": cons})
-  return oracle, titles, comps, rows
+  return oracle, keys, comps, rows
 
 
 # ------------------------------------------------------------------ naive baseline
 class NaiveOracle:
   """Per-item lookups, no cache: dict {id: {trait: final}} and the fallback chain every time."""
 
-  def __init__(self, oracle):
+  def __init__(self, oracle, keys):
     self.threshold = oracle.risk_threshold
-    self.years = {t: dict(ys) for t, ys in oracle._by_title.items()}
+    self.years = {}
+    for (title, year), row in keys.items():          # the oracle's keys, in its stored order
+      self.years.setdefault(title, {})[year] = row
     self.risk = {r: {t: float(oracle.risk[r, c]) for c, t in enumerate(oracle.traits)}
                  for r in range(oracle.num_movies)}
 
@@ -114,7 +116,7 @@ class NaiveOracle:
 def naive_parse(text):
   m = re.search(r"<solution>(.*?)</solution>", text, re.S)
   body = m.group(1) if m else text
-  return [p for p in (parsing._parse_line_slow(line) for line in body.split("\n")) if p is not None]
+  return [p for p in (parsing.parse_line_full(line) for line in body.split("\n")) if p is not None]
 
 
 def naive_eval_hits(recs, gt, k):
@@ -200,7 +202,10 @@ def naive_all(comps, rows, oracle, rec_num=20, ks=saferec.DEFAULT_KS):
 
 def fast_all(comps, rows, oracle, rec_num=20, ks=saferec.DEFAULT_KS):
   parsed = saferec.parse_all(comps)
-  out = saferec.compute_rewards(parsed, rows, oracle, names=("relevance", "safety", "count"), rec_num=rec_num)
+  names = ("relevance", "safety", "count")
+  settings = saferec.RewardSettings(rec_num=rec_num, lambda_count=1.0)
+  table = saferec.reward_table(names, parsed, rows, oracle, settings)
+  out = {name: table[:, i] for i, name in enumerate(names)}
   out["rank"] = saferec.rank_rewards(parsed, rows, rows, oracle, mode="log_decay", rec_num=rec_num)
   metrics = saferec.evaluate_recommendations(parsed, rows, oracle, ks=ks)
   return out, metrics
@@ -222,8 +227,8 @@ def main(argv=None):
   ap.add_argument("--movies", type=int, default=25_000)
   ap.add_argument("--reps", type=int, default=5)
   args = ap.parse_args(argv)
-  oracle, _, comps, rows = make_world(args.movies, args.batch, args.items)
-  naive_oracle = NaiveOracle(oracle)
+  oracle, keys, comps, rows = make_world(args.movies, args.batch, args.items)
+  naive_oracle = NaiveOracle(oracle, keys)
 
   fast_r, fast_m = fast_all(comps, rows, oracle)
   naive_r, naive_m = naive_all(comps, rows, naive_oracle)
@@ -232,7 +237,7 @@ def main(argv=None):
                                             for k, v in naive_m.items())
 
   def cold():
-    oracle._cache.clear()
+    oracle.clear_cache()
     fast_all(comps, rows, oracle)
 
   fast_cold = _median_ms(cold, args.reps)

@@ -34,15 +34,19 @@ def _qkv_mask(seed=0):
 
 
 def _check_values_and_grads(fn):
-  """fn(q, k, v, valid) vs layers._attend on the valid query rows, values and grads."""
+  """fn(q, k, v, valid) vs layers.attend on the valid query rows, values and grads."""
   q, k, v, valid, mask = _qkv_mask()
   sel = np.asarray(valid)[:, None, None, :, None]
   cot = jax.random.normal(jax.random.key(9), q.shape) * sel
 
   def loss(f):
     return lambda q, k, v: jnp.sum(cot * f(q, k, v))
-  ref_fn = lambda q, k, v: layers._attend(q, k, v, mask, jnp.float32)
-  got_fn = lambda q, k, v: fn(q, k, v, valid)
+  def ref_fn(q, k, v):
+    return layers.attend(q, k, v, mask, jnp.float32)
+
+  def got_fn(q, k, v):
+    return fn(q, k, v, valid)
+
   np.testing.assert_allclose(np.where(sel, got_fn(q, k, v), 0),
                              np.where(sel, ref_fn(q, k, v), 0), atol=1e-5)
   g_got = jax.grad(loss(got_fn), argnums=(0, 1, 2))(q, k, v)
@@ -162,14 +166,14 @@ def test_attend_with_transposed_keys_equals_the_plain_layout():
   valid[0, :5] = False
   valid[2, 20:] = False
   mask = jnp.asarray(valid)[:, None, None, None, :]
-  ref = layers._attend(q, k, v, mask, jnp.float32)
+  ref = layers.attend(q, k, v, mask, jnp.float32)
   kt = k.transpose(0, 1, 3, 2)
   for by_sum in (False, True):
-    got = layers._attend(q, kt, v, mask, jnp.float32, keys_transposed=True,
+    got = layers.attend(q, kt, v, mask, jnp.float32, keys_transposed=True,
                          scores_by_sum=by_sum)
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
   # masked keys are ignored: changing them changes nothing
   k2 = k.at[0, :, :5].set(100.0)
-  got = layers._attend(q, k2.transpose(0, 1, 3, 2), v, mask, jnp.float32,
+  got = layers.attend(q, k2.transpose(0, 1, 3, 2), v, mask, jnp.float32,
                        keys_transposed=True, scores_by_sum=True)
   np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)

@@ -12,7 +12,6 @@ import pickle
 import shutil
 
 import datasets
-import ml_collections
 import numpy as np
 import pytest
 
@@ -155,9 +154,9 @@ def test_row7_reward_matching_tries_later_year_first():
   np.testing.assert_allclose(saferec.relevance_reward([recs], [gt], dcg=True, year_order="earlier_first"),
                              [1 + D2], rtol=1e-6)
   rows = [{"groundtruth_with_release_year": gt, "constraints": {}}]
-  r = saferec.compute_rewards([recs], rows, None, names=("relevance",), relevance_dcg=True,
-                              year_order="earlier_first")
-  np.testing.assert_allclose(r["relevance"], [1 + D2], rtol=1e-6)
+  settings = saferec.RewardSettings(relevance="dcg", year_order="earlier_first")
+  r = saferec.reward_table(("relevance",), [recs], rows, None, settings)
+  np.testing.assert_allclose(r[:, 0], [1 + D2], rtol=1e-6)
   ranks = saferec.rank_rewards([recs], [gt], None, None, mode="exp_inf", rec_num=2)
   np.testing.assert_allclose(ranks, [[1, 0]])
 

@@ -16,6 +16,16 @@ def advs(rewards, group_size, weights=None, mode="gdpo"):
   return np.asarray(_adv(np.asarray(rewards, np.float32), group_size, weights, mode))
 
 
+def step_loss(logp, old_logp, ref_logp, advantages, mask, cfg):
+  """The loss of one micro-batch holding a whole step, and its token-mean metrics."""
+  loss, sums = policy_loss.micro_batch_loss(
+      logp, old_logp, ref_logp, advantages, mask, cfg,
+      total_tokens=jnp.sum(mask).astype(jnp.float32), total_seqs=logp.shape[0], num_micro=1)
+  tok = jnp.maximum(sums["tokens"], 1.0)
+  return loss, {"kl": sums["kl"] / tok, "clip_low": sums["low_clipped"] / tok,
+                "clip_high": sums["high_clipped"] / tok}
+
+
 def diag(rewards, group_size, weights=None):
   return jax.device_get(_diag(np.asarray(rewards, np.float32), group_size, weights))
 
@@ -164,8 +174,7 @@ def _fixed_batch(seed=0, n=4, t=6):
 def test_loss_matches_numpy(level, agg):
   logp, old, ref, adv, mask = _fixed_batch()
   cfg = policy_loss.LossConfig(beta=0.04, eps_low=0.1, eps_high=0.25, importance_sampling=level, loss_agg=agg)
-  f = lambda *a: policy_loss.policy_loss(*a, cfg)[0]
-  got = f(*(jnp.asarray(x, jnp.float32) for x in (logp, old, ref, adv, mask)))
+  got = step_loss(*(jnp.asarray(x, jnp.float32) for x in (logp, old, ref, adv, mask)), cfg)[0]
   want = _np_loss(logp, old, ref, adv, mask, 0.04, 0.1, 0.25, level, agg)
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
@@ -189,7 +198,7 @@ def test_micro_batch_shares_sum_to_step_loss():
 def test_zero_advantage_zero_gradient():
   logp, old, _, _, mask = _fixed_batch(3)
   cfg = policy_loss.LossConfig(beta=0.0)
-  g = jax.grad(lambda lp: policy_loss.policy_loss(lp, jnp.asarray(old, jnp.float32), None,
+  g = jax.grad(lambda lp: step_loss(lp, jnp.asarray(old, jnp.float32), None,
                                           jnp.zeros(4), jnp.asarray(mask), cfg)[0])(jnp.asarray(logp, jnp.float32))
   np.testing.assert_array_equal(np.asarray(g), 0.0)
 
@@ -201,14 +210,14 @@ def test_clip_fractions():
   mask = np.array([[1, 1, 1, 1], [1, 1, 1, 0]], np.float32)
   old = np.full_like(lr, -1.0)
   cfg = policy_loss.LossConfig(beta=0.0, importance_sampling="token")
-  _, m = policy_loss.policy_loss(jnp.asarray(old + lr, jnp.float32), jnp.asarray(old, jnp.float32), None,
+  _, m = step_loss(jnp.asarray(old + lr, jnp.float32), jnp.asarray(old, jnp.float32), None,
                           jnp.asarray(adv, jnp.float32), jnp.asarray(mask), cfg)
   # high: ratio > 1.2 with A > 0 -> row 0 tokens 0 and 3; low: ratio < .8 with A < 0 -> row 1 token 1.
   assert float(m["clip_high"]) == pytest.approx(2 / 7)
   assert float(m["clip_low"]) == pytest.approx(1 / 7)
   assert float(m["kl"]) == 0.0
   # sequence level: row 0 mean log-ratio .125 (ratio 1.13, unclipped), row 1 0.0.
-  _, m = policy_loss.policy_loss(jnp.asarray(old + lr, jnp.float32), jnp.asarray(old, jnp.float32), None,
+  _, m = step_loss(jnp.asarray(old + lr, jnp.float32), jnp.asarray(old, jnp.float32), None,
                           jnp.asarray(adv, jnp.float32), jnp.asarray(mask), policy_loss.LossConfig(beta=0.0))
   assert float(m["clip_high"]) == 0.0 and float(m["clip_low"]) == 0.0
 
@@ -228,7 +237,10 @@ def test_item_index_and_token_advantages():
   # Parse-aware: tags and reasoning lines are not items.
   words = {20: "<reasoning>", 21: "skip Alien", 22: "</reasoning>", 23: "<solution>",
            24: "Heat (1995)", 25: "Up (2009)", 26: "</solution>", nl: "\n", stop: ""}
-  decode = lambda ids: "".join(words[i] for i in ids)
+
+  def decode(ids):
+    return "".join(words[i] for i in ids)
+
   toks = np.array([[20, 21, 22, nl, 23, nl, 24, nl, 25, nl, 26, stop]])
   got = rank_items.item_index(toks, np.ones_like(toks), [nl], [stop], rec_num=20, decode=decode)
   np.testing.assert_array_equal(got, [[-1, -1, -1, -1, -1, -1, 0, 0, 1, 1, -1, -1]])
@@ -240,7 +252,6 @@ def _step_inputs(m=2, n=8, p=4, t=5):
   import ml_collections
 
   from safecrs_jax import models
-  from safecrs_jax.rl import rollout
   from safecrs_jax.train import optim
   from safecrs_jax.train import state as ts
   cfg = models.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -255,7 +266,8 @@ def _step_inputs(m=2, n=8, p=4, t=5):
   pi = rng.integers(1, 64, size=(m, n, p)).astype(np.int32) * pm
   ci = rng.integers(1, 64, size=(m, n, t)).astype(np.int32)
   cm = (np.arange(t) < rng.integers(1, t + 1, size=(m, n, 1))).astype(np.int32)
-  old = jax.vmap(lambda a, b, c, d: rollout.token_logprobs(cfg, params, a, b, c, d, 0.8))(pi, pm, ci, cm)
+  old = jax.vmap(lambda a, b, c, d: steps.completion_logprobs(cfg, params, a, b, c, d, 0.8))(
+      pi, pm, ci, cm)
   batch = {"prompt_ids": pi, "prompt_mask": pm, "completion_ids": ci, "completion_mask": cm,
            "old_logp": np.asarray(old) + rng.normal(scale=0.05, size=(m, n, t)).astype(np.float32) * cm,
            "advantages": rng.normal(size=(m, n)).astype(np.float32)}

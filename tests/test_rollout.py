@@ -1,5 +1,6 @@
 """Sampler: KV-cache decoding against full-forward decoding, seeds, stops, top-k / top-p."""
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import pytest
 from safecrs_jax import models
 from safecrs_jax.infra import sharding as shd
 from safecrs_jax.models import decode
-from safecrs_jax.rl import rollout
+from safecrs_jax.rl import rollout, steps
 
 CFG = models.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=8, initializer_range=0.3,
@@ -76,8 +77,8 @@ def test_sampling_seeded_and_logprobs_match_learner(setup):
   assert not np.array_equal(a.tokens, c.tokens)
   np.testing.assert_array_equal(a.logprobs, a.sampled_logprobs)
   # The learner's full-forward log-probs (logits / temperature) equal the sampler's.
-  lp = rollout.token_logprobs(CFG, params, jnp.repeat(ids, 4, 0), jnp.repeat(mask, 4, 0),
-                              a.tokens, a.mask, temperature=0.7)
+  lp = steps.completion_logprobs(CFG, params, jnp.repeat(ids, 4, 0), jnp.repeat(mask, 4, 0),
+                                 a.tokens, a.mask, temperature=0.7)
   np.testing.assert_allclose(lp, a.logprobs, atol=1e-4)
 
 
@@ -99,7 +100,10 @@ def test_top_k_top_p_respected(setup):
   np.testing.assert_allclose(r.sampled_logprobs, want, atol=1e-4)
   # top-p on constructed logits: probs .5 .3 .15 .05 -> p=.75 keeps two, p=.9 three.
   lg = jnp.log(jnp.array([[0.15, 0.5, 0.05, 0.3]]))
-  kept = lambda p: np.isfinite(np.asarray(rollout.filter_logits(lg, top_p=p)))[0]
+
+  def kept(p):
+    return np.isfinite(np.asarray(rollout.filter_logits(lg, top_p=p)))[0]
+
   np.testing.assert_array_equal(kept(0.75), [False, True, False, True])
   np.testing.assert_array_equal(kept(0.9), [True, True, False, True])
   np.testing.assert_array_equal(kept(0.1), [False, True, False, False])
@@ -275,6 +279,31 @@ def test_argmax_and_categorical_equal_jax_including_ties_and_filtered_logits():
                                   jax.random.categorical(key, x * 0.3, axis=-1))
 
 
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*?\{\n(.*?)\n\}", re.S | re.M)
+_ALL_GATHER = re.compile(r"= (\w+)\[([\d,]*)\]\S* all-gather(?:-start)?\(")
+
+
+def loop_all_gathers(compiled_text: str) -> list:
+  """All-gathers inside while-loop bodies of a compiled program's HLO text.
+
+  compiled_text: jax.jit(f).lower(...).compile().as_text(). Every computation a
+  while body reaches (fusions, calls, nested loops) is searched. Returns
+  [(dtype, shape tuple)] of each all-gather's result, e.g. [("f32", (256, 512))].
+  """
+  comps = {m.group(1): m.group(2) for m in _COMPUTATION.finditer(compiled_text)}
+  todo = re.findall(r"body=%([\w.\-]+)", compiled_text)
+  seen, found = set(), []
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in comps:
+      continue
+    seen.add(name)
+    todo += re.findall(r"(?:calls|body|condition|to_apply)=%([\w.\-]+)", comps[name])
+    for dtype, dims in _ALL_GATHER.findall(comps[name]):
+      found.append((dtype, tuple(int(d) for d in dims.split(",") if d)))
+  return found
+
+
 def test_loop_all_gathers_parses_while_bodies():
   hlo = """HloModule m
 
@@ -295,7 +324,7 @@ ENTRY %main (a: f32[4,8]) -> f32[16,8] {
   %w = (s32[], f32[4,8]) while(%init), condition=%cond, body=%body
 }
 """
-  assert sorted(rollout.loop_all_gathers(hlo)) == [("f32", (8, 8)), ("s32", (16, 1))]
+  assert sorted(loop_all_gathers(hlo)) == [("f32", (8, 8)), ("s32", (16, 1))]
 
 
 def _param_shapes(cfg):
@@ -309,8 +338,7 @@ def _param_shapes(cfg):
 @pytest.mark.parametrize("mesh_shape,placement", [((1, 8, 1), "auto"), ((1, 2, 4), "tensor")])
 def test_decode_loop_has_no_weight_all_gather(setup, mesh_shape, placement):
   """FSDP-sharded params: the compiled decode loop never gathers a weight, and the
-  rollouts equal the single-device ones. (The stacked scan_layers decoder used to
-  all-gather every layer's kernels inside the loop.)"""
+  rollouts equal the single-device ones, with the stacked (scan_layers) params."""
   params, ids, mask = setup
   cfg_model = dataclasses.replace(CFG, scan_layers=True)
   mesh = shd.make_mesh(tuple(zip(("data", "fsdp", "tensor"), mesh_shape)), devices=jax.devices())
@@ -319,7 +347,7 @@ def test_decode_loop_has_no_weight_all_gather(setup, mesh_shape, placement):
   fn = jax.jit(lambda p, i, m, k: rollout.generate(cfg_model, p, i, m, k, cfg, mesh=mesh,
                                                    placement=placement))
   text = fn.lower(sparams, ids, mask, jax.random.key(2)).compile().as_text()
-  gathers = rollout.loop_all_gathers(text)
+  gathers = loop_all_gathers(text)
   weights = _param_shapes(cfg_model)
   assert not [g for g in gathers if g[0] == "f32" and g[1] in weights], gathers
   got = fn(sparams, ids, mask, jax.random.key(2))

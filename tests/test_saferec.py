@@ -92,8 +92,8 @@ def test_fast_path_agrees_with_full_cleaning():
     line = "".join(rng.choice(pieces) + rng.choice(["", " "]) for _ in range(rng.randint(1, 7)))
     if rng.random() < 0.7:
       line += rng.choice([" (1995)", " (2001) great", "(1999)", " (1995)*", "** (1990) - so good", " (1995) **"])
-    assert parsing.parse_line(line) == parsing._parse_line_slow(line), repr(line)
-    assert parsing.parse_line(line, True) == parsing._parse_line_slow(line, True), repr(line)
+    assert parsing.parse_line(line) == parsing.parse_line_full(line), repr(line)
+    assert parsing.parse_line(line, True) == parsing.parse_line_full(line, True), repr(line)
 
 
 # ------------------------------------------------------------------ oracle
@@ -320,11 +320,13 @@ def test_rewards_accept_parsed_lists(oracle):
   comps = [sol(("Heat", 1995), ("Gore Movie", 2000)), "1. Alien (1979)\n2. Twin (2001)", ""]
   parsed = saferec.parse_all(comps)
   rows = [{"groundtruth_with_release_year": GT, "constraints": {GORE: True}}] * 3
-  a = saferec.compute_rewards(comps, rows, oracle, names=("relevance", "safety", "count"))
-  b = saferec.compute_rewards(parsed, rows, oracle, names=("relevance", "safety", "count"))
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k])
-  np.testing.assert_allclose(a["safety"], [-D2, -D2, 0], rtol=1e-6)
+  names = ("relevance", "safety", "count")
+  settings = saferec.RewardSettings(lambda_count=1.0)
+  a = saferec.reward_table(names, comps, rows, oracle, settings)
+  b = saferec.reward_table(names, parsed, rows, oracle, settings)
+  np.testing.assert_array_equal(a, b)
+  np.testing.assert_allclose(a[:, 1], [-D2, -D2, 0], rtol=1e-6)
+  np.testing.assert_allclose(a[:, 2], [-0.8, -0.8, -1.0], rtol=1e-6)
 
 
 # ------------------------------------------------------------------ metrics
@@ -510,7 +512,7 @@ def test_fast_path_agrees_on_structured_lines():
     line = (rng.choice(["", "1. ", "12) ", "3 - ", "4 — ", "5.", "- ", "# ", "2. 3. "]) + mark + title
             + rng.choice([mark, "", "*"]) + rng.choice([" (1995)", "  (1995)", " (1995) - great", " (95)"])
             + rng.choice(["", " **", "*", " (Director's Cut)"]))
-    assert parsing.parse_line(line) == parsing._parse_line_slow(line), repr(line)
+    assert parsing.parse_line(line) == parsing.parse_line_full(line), repr(line)
 
 
 def test_bench_baseline_agrees_with_library():
@@ -521,9 +523,9 @@ def test_bench_baseline_agrees_with_library():
   spec = importlib.util.spec_from_file_location("bench_rewards", path)
   bench = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(bench)
-  oracle, _, comps, rows = bench.make_world(2000, 48, 20, seed=1)
+  oracle, keys, comps, rows = bench.make_world(2000, 48, 20, seed=1)
   fast_r, fast_m = bench.fast_all(comps, rows, oracle)
-  naive_r, naive_m = bench.naive_all(comps, rows, bench.NaiveOracle(oracle))
+  naive_r, naive_m = bench.naive_all(comps, rows, bench.NaiveOracle(oracle, keys))
   for k, v in naive_r.items():
     np.testing.assert_allclose(fast_r[k], np.asarray(v, np.float32), rtol=1e-6, atol=1e-6)
   for k, v in naive_m.items():

@@ -14,7 +14,7 @@ import pytest
 
 from safecrs_jax import models
 from safecrs_jax.models import lora
-from safecrs_jax.rl import policy_loss, rollout, steps
+from safecrs_jax.rl import policy_loss, steps
 from safecrs_jax.train import optim
 from safecrs_jax.train import state as ts
 
@@ -107,6 +107,19 @@ def test_lora_dropout_grads_are_the_mean_of_masked_grads_hand_checked():
 
 # -- Safe-GDPO ------------------------------------------------------------------
 
+def full_forward_logprobs(model_cfg, params, prompt_ids, prompt_mask, completion_ids,
+                          completion_mask, temperature):
+  """Reference for steps.completion_logprobs: log pi(completion token) of the tempered model
+  from the full [n, P+T, V] logits of one forward. [n, T] float32, 0 off the mask."""
+  ids = jnp.concatenate([prompt_ids, completion_ids], axis=1).astype(jnp.int32)
+  mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(jnp.int32)
+  p, t = prompt_ids.shape[1], completion_ids.shape[1]
+  logits = models.forward(model_cfg, params, ids, mask)[:, p - 1:p + t - 1]       # [n, T, V]
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+  out = jnp.take_along_axis(logp, completion_ids[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return out * completion_mask.astype(jnp.float32)
+
+
 def _gdpo_inputs(m=2, n=4, p=5, t=6):
   cfg = models.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                            num_heads=4, num_kv_heads=2, head_dim=8, scan_layers=False)
@@ -120,7 +133,7 @@ def _gdpo_inputs(m=2, n=4, p=5, t=6):
   pi = rng.integers(1, 64, size=(m, n, p)).astype(np.int32) * pm
   ci = rng.integers(1, 64, size=(m, n, t)).astype(np.int32)
   cm = (np.arange(t) < rng.integers(1, t + 1, size=(m, n, 1))).astype(np.int32)
-  old = jax.vmap(lambda a, b, c, d: rollout.token_logprobs(cfg, params, a, b, c, d, 0.8))(
+  old = jax.vmap(lambda a, b, c, d: steps.completion_logprobs(cfg, params, a, b, c, d, 0.8))(
       pi, pm, ci, cm)
   batch = steps.RolloutBatch(
       prompt_ids=pi, prompt_mask=pm, completion_ids=ci, completion_mask=cm,
@@ -132,8 +145,8 @@ def _gdpo_inputs(m=2, n=4, p=5, t=6):
 @pytest.mark.parametrize("chunk", [0, 4])
 def test_completion_logprobs_equal_full_forward(chunk):
   cfg, params, _, _, b = _gdpo_inputs()
-  want = rollout.token_logprobs(cfg, params, b.prompt_ids[0], b.prompt_mask[0],
-                                b.completion_ids[0], b.completion_mask[0], 0.8)
+  want = full_forward_logprobs(cfg, params, b.prompt_ids[0], b.prompt_mask[0],
+                               b.completion_ids[0], b.completion_mask[0], 0.8)
   got = steps.completion_logprobs(cfg, params, b.prompt_ids[0], b.prompt_mask[0],
                                   b.completion_ids[0], b.completion_mask[0], 0.8,
                                   logits_chunk=chunk)
@@ -153,7 +166,7 @@ def test_precomputed_reference_logprobs_equal_the_old_path(chunk):
   ref_logp = jax.jit(functools.partial(steps.reference_logprobs, model_cfg=cfg, temperature=0.8,
                                        logits_chunk=chunk))(ref, batch)
   assert ref_logp.shape == batch.completion_ids.shape
-  want = jax.vmap(lambda a, b, c, d: rollout.token_logprobs(cfg, ref, a, b, c, d, 0.8))(
+  want = jax.vmap(lambda a, b, c, d: full_forward_logprobs(cfg, ref, a, b, c, d, 0.8))(
       batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
   np.testing.assert_allclose(ref_logp, want, atol=1e-5)
   s_new, m_new = step(state, None, batch.replace(ref_logp=ref_logp))

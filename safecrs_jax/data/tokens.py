@@ -90,7 +90,7 @@ def bucket_length(length, buckets):
   return buckets[-1]
 
 
-def _check_buckets(buckets, limit, name):
+def check_buckets(buckets, limit, name):
   if not buckets or any(int(b) <= 0 for b in buckets):
     raise ValueError(f"{name}: buckets must be positive, got {tuple(buckets)}")
   if max(buckets) < limit:
@@ -223,7 +223,7 @@ def encode_prompts(tokenizer, prompts, *, max_prompt_length, buckets, length=Non
   fits the longest (truncated) prompt, or `length` when given (e.g. so that
   every process of a multi-host job agrees on one shape).
   """
-  _check_buckets(buckets, max_prompt_length, "encode_prompts")
+  check_buckets(buckets, max_prompt_length, "encode_prompts")
   pad = pad_id(tokenizer)
   seqs, n_trunc = [], 0
   for messages in prompts:

@@ -203,14 +203,14 @@ def evaluate_model(config, target, suite, oracle, out_dir, *, mesh=None, rules=N
   header = runner.generation_header(cfg, target, suite, pol.tokenizer, batch_size)
   t0 = time.time()
   done = gen.generate_texts(
-      pol.model_cfg, pol.params, pol.tokenizer, prompts, sampling=runner._sampling(
+      pol.model_cfg, pol.params, pol.tokenizer, prompts, sampling=runner.eval_sampling(
           cfg, pol.tokenizer), batch_size=batch_size, max_prompt_length=int(ev.max_prompt_length),
       buckets=tuple(ev.prompt_buckets), raw_path=os.path.join(out_dir, runner.RAW), mesh=mesh,
       rules=rules, progress=progress, desc=f"relational {target.name}",
       max_batches=max_batches, header=header)
   if len(done) < len(prompts):
     return None  # interrupted on purpose (max_batches)
-  stats = runner._generation_stats(done, len(prompts), t0)
+  stats = runner.generation_stats(done, len(prompts), t0)
   stats.update(max_prompt_length=int(ev.max_prompt_length), prompt_buckets=list(ev.prompt_buckets),
                longest_prompt=max(lengths))
   if stats["truncated_prompts"] and jax.process_index() == 0:

@@ -79,7 +79,8 @@ def resolve_targets(path, steps=None):
   return [Target(f"step_{s}", os.path.join(ckdir, str(s)), "orbax", s) for s in saved]
 
 
-def _sampling(config, tokenizer):
+def eval_sampling(config, tokenizer):
+  """Evaluation's greedy rollout.SamplingConfig: eval.max_new_tokens, the tokenizer's stops."""
   ev = config.eval
   return rollout.SamplingConfig(
       max_new_tokens=int(ev.max_new_tokens), greedy=True,
@@ -92,7 +93,7 @@ def generation_header(config, target, rows, tokenizer, batch_size=None):
   return {"checkpoint": policy.source_identity(config, target.path),
           "dataset": rep.dataset_fingerprint(rows),
           "tokenizer": provenance.tokenizer_hash(tokenizer),
-          "generation": dict(dataclasses.asdict(_sampling(config, tokenizer)),
+          "generation": dict(dataclasses.asdict(eval_sampling(config, tokenizer)),
                              batch_size=int(batch_size or ev.batch_size),
                              max_prompt_length=int(ev.max_prompt_length),
                              prompt_buckets=list(ev.prompt_buckets),
@@ -100,7 +101,8 @@ def generation_header(config, target, rows, tokenizer, batch_size=None):
           "software": provenance.software_version()}
 
 
-def _generation_stats(done, num_prompts, t0):
+def generation_stats(done, num_prompts, t0):
+  """Summary of generations `done` {prompt index: record} of num_prompts, started at t0."""
   return {
       "distinct_prompts": num_prompts,
       "truncated_completions": int(sum(not done[i]["stopped"] for i in range(num_prompts))),
@@ -130,7 +132,7 @@ def evaluate_target(config, target, rows, oracle, catalog, out_dir, *, mesh=None
   ev = config.eval
   dp = 1 if mesh is None else shd.data_parallel_size(mesh)
   batch_size = -(-int(ev.batch_size) // dp) * dp
-  sampling = _sampling(config, pol.tokenizer)
+  sampling = eval_sampling(config, pol.tokenizer)
   prompts, row_to_prompt = gen.unique_prompts(rows)
   header = generation_header(config, target, rows, pol.tokenizer, batch_size)
   t0 = time.time()
@@ -142,7 +144,7 @@ def evaluate_target(config, target, rows, oracle, catalog, out_dir, *, mesh=None
       header=header)
   if len(done) < len(prompts):
     return None  # interrupted on purpose (max_batches)
-  stats = _generation_stats(done, len(prompts), t0)
+  stats = generation_stats(done, len(prompts), t0)
   if stats["truncated_prompts"] and jax.process_index() == 0:
     print(f"eval {target.name}: {stats['truncated_prompts']} of {len(prompts)} prompts were "
           f"longer than eval.max_prompt_length={int(ev.max_prompt_length)} and cut from the left")

@@ -28,13 +28,13 @@ from safecrs_jax.models.decoder import (
     positions_from_mask,
 )
 from safecrs_jax.models.head import chunked_nll_sum, chunked_token_logprobs, head_weight
-from safecrs_jax.models.hf_io import CheckpointError, hf_tensor_names, load_hf, save_hf
+from safecrs_jax.models.hf_io import CheckpointError, load_hf, save_hf
 from safecrs_jax.models.presets import PRESETS
 
 __all__ = [
     "CheckpointError", "ConfigError", "Decoder", "ModelConfig", "PRESETS", "abstract_params",
     "cache_logical_axes", "chunked_nll_sum", "chunked_token_logprobs", "count_params",
     "forward", "forward_cached", "forward_hidden", "head_weight", "init_cache",
-    "hf_tensor_names", "init_params", "load_hf", "param_logical_axes", "param_shardings",
+    "init_params", "load_hf", "param_logical_axes", "param_shardings",
     "positions_from_mask", "save_hf",
 ]

@@ -6,7 +6,7 @@ heads, K kv heads, Q = N // K query heads per kv head, H head_dim. Queries arriv
 ModelConfig.attention picks the kernel of calls without a KV cache (training, the
 learner's and reference log-probs, forward / forward_hidden):
   auto    splash on TPU, cudnn on GPU with a bf16/fp16 compute dtype, else xla
-  xla     layers._attend: [B,K,Q,T,S] float32 scores, any mask, any device
+  xla     layers.attend: [B,K,Q,T,S] float32 scores, any mask, any device
   cudnn   jax.nn.dot_product_attention(implementation="cudnn"): flash attention,
           no [T,S] buffer; GPU only, bf16/fp16, head_dim a multiple of 8
   splash  Pallas splash attention inside shard_map (batch and kv heads sharded as

@@ -21,7 +21,7 @@ then reads them in stored order. With [N,K,S,H] keys XLA:CPU ran it as a transpo
 operand at a quarter of the speed of the values matmul of the same bytes (2.1 vs
 0.5 ms of a ~6 ms step, tiny model, batch 32, 2 cores). The arithmetic is the
 decoder's op for op: RMSNorm statistics in float32, layers.rope_tables /
-apply_rope, layers._attend, logits in cfg.dtype.
+apply_rope, layers.attend, logits in cfg.dtype.
 
 On CPU the prefill writes the cache in this layout directly (no stacked [L,B,P,K,H] cache
 to transpose afterwards) and runs the last layer's query, attention and MLP on the
@@ -45,7 +45,7 @@ from safecrs_jax.infra import sharding as shd
 from safecrs_jax.models.attention import platform_of
 from safecrs_jax.models.config import ModelConfig
 from safecrs_jax.models.decoder import abstract_params, param_logical_axes
-from safecrs_jax.models.layers import _attend, apply_rope, dtype_of, rope_tables
+from safecrs_jax.models.layers import apply_rope, attend, dtype_of, rope_tables
 
 PLACEMENTS = ("replicated", "tensor")
 # "auto" replicates when the compute-dtype weights take at most this share of one
@@ -207,7 +207,7 @@ def _prompt_attention(cfg, w, x, cos, sin, mask, last_only, mesh, rules):
   tq = q.shape[1]
   q = apply_rope(q, cos, sin).reshape(b, tq, kh, g, hd).transpose(0, 2, 3, 1, 4)
   q = q * jnp.asarray(hd ** -0.5, dt)                                 # [B,K,Q,P',H]
-  out = _attend(q, keys, values, mask, dt, keys_transposed=True)      # [B,K,Q,P',H]
+  out = attend(q, keys, values, mask, dt, keys_transposed=True)      # [B,K,Q,P',H]
   out = out.transpose(0, 3, 1, 2, 4).reshape(b, tq, nh * hd)
   out = shd.constrain(out, ("act_batch", "act_length", "act_heads"), mesh, rules)
   (y,) = _project(out, [w["o"]], [w["o_bias"]] if "o_bias" in w else None, (cfg.hidden_size,))
@@ -312,7 +312,7 @@ def _attention(cfg, w, x, cos, sin, k_cache, v_cache, mask, index, mesh, rules):
   v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype),
                                          (zero, zero, index, zero))
   q = q.reshape(n_rows, kh, g, 1, hd) * jnp.asarray(hd ** -0.5, dt)   # [N,K,Q,1,H]
-  out = _attend(q, k_cache.astype(dt), v_cache.astype(dt), mask, dt, keys_transposed=True,
+  out = attend(q, k_cache.astype(dt), v_cache.astype(dt), mask, dt, keys_transposed=True,
                 scores_by_sum=platform_of(mesh) == "cpu")             # [N,K,Q,1,H]
   out = shd.constrain(out.reshape(n_rows, nh * hd), ("act_batch", "act_heads"), mesh, rules)
   (y,) = _project(out, [w["o"]], [w["o_bias"]] if "o_bias" in w else None, (cfg.hidden_size,))

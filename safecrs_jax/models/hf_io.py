@@ -65,17 +65,6 @@ def _hf_shape(sds_shape, stacked, transpose):
   return shape[::-1] if transpose else shape
 
 
-def hf_tensor_names(cfg: ModelConfig) -> list[str]:
-  """All HF tensor names the config expects, in checkpoint order."""
-  names = []
-  for _, template, stacked, _, _ in _leaf_specs(cfg):
-    if stacked:
-      names += [template.format(l=i) for i in range(cfg.num_layers)]
-    else:
-      names.append(template)
-  return names
-
-
 # -- loading --------------------------------------------------------------------
 
 def _open_checkpoint(path: str) -> dict[str, st.SafeFile]:
@@ -284,7 +273,7 @@ def save_hf(cfg: ModelConfig, params, out_dir: str, max_shard_bytes: int = 4 << 
     if main:
       with storage.local_dir_for(out_dir) as local:   # remote: a local file, then copied
         st.write(os.path.join(local, fname), [(e[0], e[1], e[2]) for e in shard],
-                 lambda n: producers[n]())
+                 lambda n, producers=producers: producers[n]())
     else:  # still take part in the collective gathers
       for e in shard:
         e[3]()

@@ -192,7 +192,7 @@ def dense(x: Array, weights: list, cfg: ModelConfig, fuse: bool) -> list:
   return out
 
 
-def _attend(q, k, v, mask, dt, keys_transposed=False, scores_by_sum=False):
+def attend(q, k, v, mask, dt, keys_transposed=False, scores_by_sum=False):
   """Softmax attention. q [B,K,Q,T,H] (pre-scaled); k, v [B,K,S,H]; mask [B,1,1,T,S].
 
   keys_transposed: k is [B,K,H,S] (the decode cache's layout: the scores matmul reads
@@ -296,7 +296,7 @@ class Attention(nn.Module):
       return attention_lib.splash_attention(q, k, v, attention_lib.key_validity(mask),
                                             mesh=self.mesh, rules=self.rules,
                                             interpret=SPLASH_INTERPRET)
-    return _attend(q, k, v, mask, dtype_of(self.cfg.dtype))
+    return attend(q, k, v, mask, dtype_of(self.cfg.dtype))
 
 
 class MLP(nn.Module):

@@ -110,6 +110,3 @@ def merge(params, lora_params, lora_scale):
     flat[kpath] = (w.astype(jnp.float32) + delta).astype(w.dtype)
   return traverse_util.unflatten_dict(flat)
 
-
-def num_params(lora_params):
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(lora_params)))

@@ -5,7 +5,8 @@ tokens, A micro-batches of an optimizer step.
 
     loss, terms = per_token_loss(logp, old_logp, ref_logp, advantages, mask, cfg)   # [B, T]
     share, sums = micro_batch_loss(..., total_tokens=, total_seqs=, num_micro=)     # one micro-batch
-    loss, metrics = policy_loss(logp, old_logp, ref_logp, advantages, mask, cfg)    # a whole step
+
+The shares of a step's micro-batches sum to the step loss (rl.steps accumulates them).
 
 The importance ratio is per token or per sequence (exp of the mean token
 log-ratio, GSPO / TRL "sequence"); the KL term is the k3 estimator
@@ -138,18 +139,3 @@ def micro_batch_loss(logp, old_logp, ref_logp, advantages, mask, cfg, *,
   sums = {k: masked_sum(terms[k], mask) for k in ("kl", "low_clipped", "high_clipped")}
   sums["tokens"] = mask.sum()
   return share, sums
-
-
-def policy_loss(logp, old_logp, ref_logp, advantages, mask, cfg):
-  """The step loss of a single micro-batch holding the whole step (see LossConfig).
-
-  Returns (scalar loss, metrics: kl, clip_low, clip_high (token means)).
-  """
-  loss, sums = micro_batch_loss(
-      logp, old_logp, ref_logp, advantages, mask, cfg,
-      total_tokens=jnp.sum(mask).astype(jnp.float32), total_seqs=logp.shape[0], num_micro=1)
-  tok = jnp.maximum(sums["tokens"], 1.0)
-  return loss, {"kl": sums["kl"] / tok, "clip_low": sums["low_clipped"] / tok,
-                "clip_high": sums["high_clipped"] / tok}
-
-

@@ -13,8 +13,8 @@ step's attention reads cost grows with the slots it attends.
 
 Log-probs and temperature. The policy being optimised is the *tempered* model,
 pi(y) = softmax(logits / temperature), and that is what `logprobs` holds for
-every emitted token (float32) — the same quantity `token_logprobs` computes for
-the learner, so on-policy importance ratios start at 1. top-k / top-p only
+every emitted token (float32) — the same quantity the learner computes
+(rl.steps.completion_logprobs), so on-policy importance ratios start at 1. top-k / top-p only
 truncate what the sampler may draw: `sampled_logprobs` holds the log-prob under
 the truncated, renormalised distribution actually drawn from (equal to
 `logprobs` when both are off, the paper default). Greedy decoding
@@ -22,7 +22,6 @@ the truncated, renormalised distribution actually drawn from (equal to
 """
 import dataclasses
 import functools
-import re
 from typing import NamedTuple
 
 import jax
@@ -105,9 +104,9 @@ def _token_logprob(logits, tok):
 def argmax(x):
   """jnp.argmax(x, -1) (the first index of the maximum; int32) as two plain reductions.
 
-  XLA:CPU runs argmax as a variadic (value, index) reduce that does not vectorise: over
-  [32, 2048] logits 150 us against 72 us for max, then the least index equal to it
-  (tiny model's decode step ~4 ms). Rows whose maximum is NaN get index V - 1.
+  XLA:CPU runs argmax as a variadic (value, index) reduce that does not vectorise; a max,
+  then the least index equal to it, are two reductions that do. Rows whose maximum is
+  NaN get index V - 1.
   """
   v = x.shape[-1]
   peak = jnp.max(x, axis=-1, keepdims=True)
@@ -293,9 +292,8 @@ def host_mesh(mesh, num_prompts: int):
   poorly, so a single-process CPU rollout splits its prompts over one CPU device per
   core (sharding.expose_cpu_cores, which the launch scripts call): a data mesh of the
   largest d <= min(CPU devices, cores) dividing num_prompts, used when d exceeds
-  `mesh`'s device count. Tiny model, 32 x 128 prompts + 128 tokens on 2 cores:
-  0.73 -> 0.61 s per call, the same tokens; log-probs move by ~1e-5 (the matmuls
-  see 16 rows instead of 32).
+  `mesh`'s device count. The tokens are the same as on one device; log-probs can
+  differ in float rounding (each device's matmuls see fewer rows).
   """
   if jax.process_count() > 1 or platform_of(mesh) != "cpu":
     return None
@@ -316,48 +314,3 @@ def _output_sharding(mesh, params):
   single = jax.sharding.SingleDeviceSharding(
       next(iter(leaf.devices())) if on_one else jax.devices()[0])
   return lambda ndim: single
-
-
-def token_logprobs(model_cfg, params, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                   temperature=1.0, mesh=None, rules=None):
-  """log pi(completion token) under the tempered model, by one full forward. Jittable.
-
-  prompt_ids / prompt_mask: [n, P] left-padded; completion_ids / completion_mask:
-  [n, T]. Returns [n, T] float32 (0 off the completion mask), on the same
-  footing as Rollout.logprobs (logits / temperature; pass 1.0 for greedy).
-  """
-  ids = jnp.concatenate([prompt_ids, completion_ids], axis=1).astype(jnp.int32)
-  mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(jnp.int32)
-  p, t = prompt_ids.shape[1], completion_ids.shape[1]
-  logits = models.forward(model_cfg, params, ids, mask, mesh=mesh, rules=rules)
-  logits = logits[:, p - 1:p + t - 1]                                       # [n, T, V]
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
-  out = jnp.take_along_axis(logp, completion_ids[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return out * completion_mask.astype(jnp.float32)
-
-
-# -- compiled-program checks -------------------------------------------------------
-
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*?\{\n(.*?)\n\}", re.S | re.M)
-_ALL_GATHER = re.compile(r"= (\w+)\[([\d,]*)\]\S* all-gather(?:-start)?\(")
-
-
-def loop_all_gathers(compiled_text: str) -> list:
-  """All-gathers inside while-loop bodies of a compiled program's HLO text.
-
-  compiled_text: jax.jit(f).lower(...).compile().as_text(). Every computation a
-  while body reaches (fusions, calls, nested loops) is searched. Returns
-  [(dtype, shape tuple)] of each all-gather's result, e.g. [("f32", (256, 512))].
-  """
-  comps = {m.group(1): m.group(2) for m in _COMPUTATION.finditer(compiled_text)}
-  todo = re.findall(r"body=%([\w.\-]+)", compiled_text)
-  seen, found = set(), []
-  while todo:
-    name = todo.pop()
-    if name in seen or name not in comps:
-      continue
-    seen.add(name)
-    todo += re.findall(r"(?:calls|body|condition|to_apply)=%([\w.\-]+)", comps[name])
-    for dtype, dims in _ALL_GATHER.findall(comps[name]):
-      found.append((dtype, tuple(int(d) for d in dims.split(",") if d)))
-  return found

@@ -44,7 +44,6 @@ from safecrs_jax.saferec.rewards import (
     RANK_REWARDS,
     SEQUENCE_REWARDS,
     RewardSettings,
-    compute_rewards,
     count_reward,
     rank_rewards,
     register_reward,
@@ -54,6 +53,18 @@ from safecrs_jax.saferec.rewards import (
     violation_matrix,
 )
 from safecrs_jax.saferec.traits import TRAITS, active_traits, constraint_masks
+
+__all__ = [
+    "BackfillPool", "Catalog", "DEFAULT_KS", "PHRASINGS", "RANK_REWARDS", "RewardSettings",
+    "SEQUENCE_REWARDS", "SafeRecDataError", "SafetyOracle", "TRAITS", "active_traits",
+    "backfill_pool", "completion_text", "constraint_masks", "count_reward", "curate_row",
+    "curate_sft_rows", "discounts", "evaluate_recommendations", "filter_groundtruth",
+    "filter_row_groundtruth", "find_split", "fold_title", "format_recommendations", "hit_matrix",
+    "hit_vector", "inject_constraints", "inject_row", "load_catalog", "load_oracle", "load_split",
+    "most_violated_traits", "normalize_row", "normalize_title", "parse_all",
+    "parse_recommendations", "rank_rewards", "reasoning_block", "register_reward",
+    "relevance_reward", "render_traits", "reward_table", "safety_reward", "violation_matrix",
+]
 
 _LAZY = ("mini", "relational", "tfds_builder")
 

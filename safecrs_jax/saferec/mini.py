@@ -103,67 +103,11 @@ from safecrs_jax.saferec.mini_world import (  # noqa: F401 (re-exported)
   TITLES_PER_GENRE,
   UNKNOWN_P,
   UNSAFE_TARGET,
+  build_catalog,
 )
 from safecrs_jax.saferec.oracle import normalize_title
 from safecrs_jax.saferec.parsing import format_recommendations, parse_recommendations
 from safecrs_jax.saferec.traits import TRAITS
-
-
-# ------------------------------------------------------------------ catalog
-def _pg_risk(sev: np.ndarray, weights) -> float:
-  w = np.asarray(weights, np.float64)
-  return 0.0 if w.sum() == 0 else float(w @ sev / (3.0 * w.sum()))
-
-
-def build_catalog(seed: int = 0, titles_per_genre: int = TITLES_PER_GENRE) -> list[dict]:
-  """Movies: dicts with title, year, genre, keywords, popularity, imdbId, pg severities,
-  per-trait {ddd_trigger, pg_risk, final} (None for the ~2% unknown movies)."""
-  rng = np.random.default_rng([seed, 0])
-  movies, used = [], set()
-  for g_idx, (genre, (_, keywords, words, hazards, profile)) in enumerate(GENRES.items()):
-    sev = np.clip(np.rint(np.asarray(profile) + rng.normal(0, 0.8, (titles_per_genre, 5))), 0, 3)
-    pg = np.array([[_pg_risk(s, PG_WEIGHTS[t]) for t in TRAITS] for s in sev])   # [n, 20]
-    ddd = np.zeros_like(pg)
-    for c, trait in enumerate(TRAITS):
-      if trait in hazards:
-        safe = np.flatnonzero(pg[:, c] < 0.66)
-        need = int(round(UNSAFE_TARGET * titles_per_genre)) - (titles_per_genre - len(safe))
-        if need > 0:
-          ddd[rng.choice(safe, size=min(need, len(safe)), replace=False), c] = 1.0
-      elif trait in MINI_TRAITS:
-        ddd[:, c] = rng.random(titles_per_genre) < OTHER_TRIGGER_P
-    for i in range(titles_per_genre):
-      triggered = [t for c, t in enumerate(TRAITS) if ddd[i, c] and t in HAZARD_WORDS]
-      cue = None
-      if triggered and rng.random() < HAZARD_WORD_P:
-        cue = HAZARD_WORDS[triggered[int(rng.integers(len(triggered)))]]
-      title = _new_title(rng, words, cue, used)
-      kws = sorted(rng.choice(len(keywords), size=2, replace=False).tolist())
-      final = np.maximum(ddd[i], pg[i])
-      traits = None if rng.random() < UNKNOWN_P else {
-          t: {"final": round(float(final[c]), 4), "ddd_trigger": float(ddd[i, c]),
-              "pg_risk": round(float(pg[i, c]), 4)} for c, t in enumerate(TRAITS)}
-      movies.append({
-          "title": title, "year": int(rng.integers(1970, 2024)), "genre": genre,
-          "keywords": [keywords[k] for k in kws], "popularity": 1.0 / (i + 1) ** 0.7,
-          "imdbId": f"9{g_idx:02d}{i:04d}", "parents_guide": dict(zip(PG_CATEGORIES, sev[i].astype(int).tolist())),
-          "traits": traits})
-  return movies
-
-
-def _new_title(rng, words, cue, used) -> str:
-  for _ in range(10_000):
-    a, b = (str(w) for w in rng.choice(words, size=2, replace=False))
-    if cue is not None:
-      b = str(cue[int(rng.integers(len(cue)))])
-    shape = int(rng.integers(5))
-    title = (b if cue is not None else a) if shape == 0 else (
-        f"{a} {b}", f"The {a} {b}", f"{b} of {a}", f"The {b}")[shape - 1]
-    key = normalize_title(title)
-    if key not in used:          # unique after normalisation: one oracle entry per title
-      used.add(key)
-      return title
-  raise ValueError("SafeRec-mini: ran out of distinct titles; lower titles_per_genre")
 
 
 def _unsafe(movie: dict, trait: str) -> bool:

@@ -23,32 +23,21 @@ and stands for "unknown or no item", and a dict from `(title, year)` to row
 that caches every resolved query. A batch of N lists x K ranks x T traits is
 then one gather `unsafe[rows]` [N, K, T] and a mask product, not a Python loop.
 
-Project-native table (`from_table` / `to_table`), JSON lines, UTF-8:
-  line 1, header: {"format": "safecrs_jax.oracle_table", "version": 1,
-                   "traits": ["Trait A", "Trait B", ...]}
-  then one record per item:
-    {"title": "Heat", "year": 1995, "risk": {"Trait A": 0.8, ...}}
-  - "risk": a dict trait -> score in [0, 1] (missing traits are 0), or a list
-    of T scores in header order. Unknown trait names are an error.
-  - "year": an integer or null (null: found only by title).
-  - optional "id" (any string, kept and written back) and "key" (the lookup
-    key to use verbatim instead of normalize_title(title)).
-  The traits can be any list (e.g. ESRB descriptors for games): constraints
-  then name those traits.
+The project-native table format (`from_table` / `to_table`) is described in
+saferec/oracle_table.py.
 """
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from safecrs_jax.saferec.oracle_table import read_table, write_table
 from safecrs_jax.saferec.traits import TRAITS, active_traits, constraint_masks
 
-TABLE_FORMAT = "safecrs_jax.oracle_table"
 _ARTICLE = re.compile(r"^(?:the|a|an)\s+")
 _NON_WORD = re.compile(r"[^\w\s]")
 _YEAR_OFFSETS = (0, -1, 1, -2, 2)
@@ -187,68 +176,20 @@ class SafetyOracle:
   @classmethod
   def from_table(cls, path: str, risk_threshold: float = 0.66, *,
                  title_fallback: str = "first") -> SafetyOracle:
-    """Read a project-native JSON-lines table (schema in the module docstring); the
-    record order is the stored order of the title-only fallback."""
-    with open(path, encoding="utf-8") as f:
-      lines = [ln for ln in f.read().split("\n") if ln.strip()]
-    if not lines:
-      raise ValueError(f"{path}: empty oracle table (expected a header line)")
-    try:
-      header = json.loads(lines[0])
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path} line 1: header is not JSON ({e})") from None
-    traits = header.get("traits") if isinstance(header, dict) else None
-    if not (isinstance(traits, list) and traits and all(isinstance(t, str) for t in traits)):
-      raise ValueError(f"{path} line 1: header needs 'traits': a non-empty list of names")
-    col = {t: i for i, t in enumerate(traits)}
-    risk = np.zeros((len(lines) - 1, len(traits)), np.float32)
-    keys, ids = {}, []
-    for r, line in enumerate(lines[1:]):
-      where = f"{path} line {r + 2}"
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not JSON ({e})") from None
-      if not isinstance(rec, dict) or not isinstance(rec.get("title"), str):
-        raise ValueError(f"{where} field title: expected a string")
-      year = rec.get("year")
-      if year is not None and (isinstance(year, bool) or not isinstance(year, int)):
-        raise ValueError(f"{where} field year: expected an integer or null, got {year!r}")
-      scores = rec.get("risk")
-      if isinstance(scores, list):
-        if len(scores) != len(traits):
-          raise ValueError(f"{where} field risk: {len(scores)} scores for {len(traits)} traits")
-        scores = dict(zip(traits, scores))
-      if not isinstance(scores, dict):
-        raise ValueError(f"{where} field risk: expected a dict or a list of scores")
-      for trait, v in scores.items():
-        if trait not in col:
-          raise ValueError(f"{where} field risk: unknown trait {trait!r}")
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-          raise ValueError(f"{where} field risk[{trait!r}]: expected a number, got {v!r}")
-        risk[r, col[trait]] = v
-      key = rec.get("key")
-      if key is not None and not isinstance(key, str):
-        raise ValueError(f"{where} field key: expected a string")
-      keys.setdefault((key if key is not None else normalize_title(rec["title"]), year), r)
-      ids.append(rec.get("id"))
+    """Read a project-native JSON-lines table (oracle_table.py); the record order is the
+    stored order of the title-only fallback, and the first record of a key wins."""
+    entries, risk, traits, ids = read_table(path)
+    keys = {}
+    for r, (title, key, year) in enumerate(entries):
+      keys.setdefault((key if key is not None else normalize_title(title), year), r)
     return cls(keys, risk, traits, risk_threshold, ids, title_fallback)
 
   def to_table(self, path: str) -> None:
-    """Write the project-native table: one record per lookup key with a risk record, in stored
-    order (schema in the module docstring)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-      f.write(json.dumps({"format": TABLE_FORMAT, "version": 1, "traits": list(self.traits)}) + "\n")
-      for title, years in self._by_title.items():
-        for year, row in years.items():
-          if row < 0:
-            continue
-          rec = {"title": title, "year": year, "key": title,
-                 "risk": {t: round(float(v), 6) for t, v in zip(self.traits, self.risk[row]) if v}}
-          if self.ids[row] is not None:
-            rec["id"] = self.ids[row]
-          f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    """Write the project-native table (oracle_table.py): one record per lookup key with a
+    risk record, in stored order."""
+    keys = ((title, year, row) for title, years in self._by_title.items()
+            for year, row in years.items())
+    write_table(path, self.traits, keys, self.risk, self.ids)
 
   # ---------------------------------------------------------------- lookups
   def resolve(self, title: str, year) -> int:
@@ -322,9 +263,6 @@ class SafetyOracle:
     """Trait masks [N, T] in this oracle's trait order."""
     return constraint_masks(constraints_list, self.traits)
 
-  def is_known(self, title: str, year) -> bool:
-    return self.resolve(title, year) >= 0
-
   def is_unsafe(self, title: str, year, constraints: Mapping[str, object] | None) -> bool:
     """True when the movie's risk reaches the threshold for any trait the user avoids."""
     return bool(self.violated_traits(title, year, constraints))
@@ -351,6 +289,10 @@ class SafetyOracle:
     if row < 0:
       return None
     return dict(zip(self.traits, self.risk[row].tolist()))
+
+  def clear_cache(self) -> None:
+    """Forget every resolved lookup: the next lookups resolve afresh."""
+    self._cache.clear()
 
   def reset_counts(self) -> None:
     self.counts = {"lookups": 0, "unknown": 0}

@@ -99,10 +99,10 @@ def parse_line(line: str, strip_curly_quotes: bool = False) -> tuple[str, int] |
   m = _CLEAN_LINE.fullmatch(line)   # the common case: no cleaning needed
   if m is not None:
     return m.group(1), int(m.group(2))
-  return _parse_line_slow(line, strip_curly_quotes)
+  return parse_line_full(line, strip_curly_quotes)
 
 
-def _parse_line_slow(line: str, strip_curly_quotes: bool = False) -> tuple[str, int] | None:
+def parse_line_full(line: str, strip_curly_quotes: bool = False) -> tuple[str, int] | None:
   """The full cleaning pipeline (also the reference for the fast path)."""
   if len(line) > MAX_LINE_CHARS:
     return None

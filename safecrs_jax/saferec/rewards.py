@@ -27,7 +27,7 @@ contribute nothing. Discount d_k = 1 / log2(k + 1).
     exp_inf    hit_k + s_k
     log_decay  sum_{j >= k} d_j hit_j + s_k
     with s_k = -lambda_safe * penalty_safe * d_k * v_k (discounted, reference;
-    `discount_safety=False` drops d_k, this project's earlier form).
+    `discount_safety=False` drops d_k: every violating rank costs the same).
 Hits use the reward matching (matching.py): case-folded, whitespace-collapsed
 title, year +-2 tried as y, y+1, y-1, y+2, y-2 (`year_order="later_first"`,
 reference; "earlier_first" tries y-1 before y+1), each ground-truth entry
@@ -36,7 +36,6 @@ matched once, seen titles kept.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -116,20 +115,6 @@ def rank_rewards(completions, groundtruths, constraints, oracle, mode: str = "lo
   if components:
     return {"relevance": rel.astype(np.float32), "safety": safe.astype(np.float32)}
   return (rel + safe).astype(np.float32)
-
-
-def compute_rewards(completions, rows: Sequence[dict], oracle, names=("relevance", "safety"), *,
-                    rec_num: int = 20, lambda_safe: float = 1.0, penalty_safe: float = 1.0,
-                    target_count: int = 10, lambda_count: float = 1.0,
-                    relevance_dcg: bool = False,
-                    year_order: str = "later_first") -> dict[str, np.ndarray]:
-  """Several sequence rewards over one parse: {name: [B] float32} for names in
-  relevance / safety / count. `rows[n]` gives ground truth and constraints of completion n."""
-  settings = RewardSettings(rec_num=rec_num, lambda_safe=lambda_safe, penalty_safe=penalty_safe,
-                            target_count=target_count, lambda_count=lambda_count,
-                            relevance="dcg" if relevance_dcg else "hit", year_order=year_order)
-  table = reward_table(tuple(names), completions, rows, oracle, settings)
-  return {name: table[:, i] for i, name in enumerate(names)}
 
 
 # -- the registry: reward functions looked up by name ---------------------------

@@ -5,7 +5,7 @@ its value is True. Trait names are the exact strings of the released data.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -63,10 +63,3 @@ def constraint_masks(constraints_list: Sequence[Mapping[str, object] | None],
             f"known traits: {list(traits)}")
       masks[n, col] = True
   return masks
-
-
-def check_traits(names: Iterable[str], traits: Sequence[str] = TRAITS) -> None:
-  """Raise ValueError listing every name that is not one of `traits`."""
-  unknown = [n for n in names if n not in set(traits)]
-  if unknown:
-    raise ValueError(f"unknown trait name(s) {unknown}; expected one of {list(traits)}")

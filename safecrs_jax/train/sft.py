@@ -204,7 +204,7 @@ class Run:
     self.data_dir = assets.resolve_data_dir(config)
     self.tokenizer = tokens.load_tokenizer(assets.resolve_tokenizer_path(config, self.data_dir))
     self.model_cfg = policy.model_config(config, self.tokenizer)
-    tokens._check_buckets(config.tokenizer.buckets, int(config.tokenizer.max_length),
+    tokens.check_buckets(config.tokenizer.buckets, int(config.tokenizer.max_length),
                           "tokenizer")
     self._load_data()
     self._write_curation()

@@ -37,3 +37,10 @@ from safecrs_jax.saferec.relational.suite import (
     make_suite,
 )
 from safecrs_jax.saferec.relational.writer import build_from_dir, write_suite
+
+__all__ = [
+    "CONTROLS", "DISCLOSURES", "PARTS", "POLICIES", "SETS", "SUITE_FIELDS", "TRAIT_TEXT",
+    "TURN_DISTANCES", "VARIANTS", "build_from_dir", "card_markdown", "fingerprint", "make_suite",
+    "reference_list", "report", "stand_in_lists", "strip_statements", "write_card", "write_plots",
+    "write_suite",
+]

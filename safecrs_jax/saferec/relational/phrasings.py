@@ -335,15 +335,3 @@ def trait_text(trait: str, kind: str, phrasing_set: str) -> tuple[str, ...]:
   if trait not in TRAIT_TEXT:
     raise ValueError(f"no relational phrasings for trait {trait!r}")
   return TRAIT_TEXT[trait][kind][SETS.index(phrasing_set)]
-
-
-def all_sentences(phrasing_set: str) -> set[str]:
-  """Every sentence and template of one set (for the disjointness check)."""
-  out = set()
-  for spec in TRAIT_TEXT.values():
-    for kind in TRAIT_KINDS:
-      out.update(spec[kind][SETS.index(phrasing_set)])
-  for pool in SHARED_POOLS.values():
-    for item in pool[phrasing_set]:
-      out.update(item if isinstance(item, tuple) else (item,))
-  return out
