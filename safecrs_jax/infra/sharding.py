@@ -206,7 +206,7 @@ def expose_cpu_cores(environ=None) -> int:
   """One XLA CPU device per core (at most MAX_CPU_DEVICES): call before JAX's CPU backend starts.
 
   XLA:CPU runs one program at a time per device, and the small matmuls and reductions
-  of a decode step use a second core poorly (1.4x at best), so rollouts and evaluation
+  of a decode step use a second core poorly, so rollouts and evaluation
   generation on CPU split their prompts over one device per core (rollout.host_mesh).
   Training takes `mesh.num_devices` of them (the demo: 1, whose matmuls still use
   every core's thread; a config with -1 = all shards over them). Nothing is changed when

@@ -14,8 +14,8 @@ scored per completion (rec_num).
         rank*, the weighted sum over rewards, then one normalisation over every
         (row, rank) entry of the batch -> [B, I] (the reference's GDPO branch of
         Rank-GRPO).
-  rank_no_batch_norm  the same without the final batch step (this project's
-        earlier rank mode).
+  rank_no_batch_norm  the same without the final batch step (each (row, rank)
+        entry keeps its per-group, per-rank normalisation).
 std is the unbiased (n - 1) estimate, as in the reference trainers.
 
 Missing rewards (NaN) — one rule everywhere: a missing entry carries no

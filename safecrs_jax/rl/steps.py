@@ -23,7 +23,7 @@ micro-batch contributes the gradient of its *sum* of NLL; the accumulated sum is
 divided once by the total token count. Safe-GDPO's micro-batches contribute
 their share of policy_loss's aggregation over the whole step instead.
 
-Memory knobs (values unchanged; see models/head.py):
+Memory knobs (see models/head.py); logits_chunk and ref_logp move memory, not values:
   logits_chunk  0: the output head on every position at once ([B, T, V] logits,
                 fastest for a small vocabulary); C > 0: final hidden states
                 (models.forward_hidden) meet the head C positions at a time
@@ -32,7 +32,7 @@ Memory knobs (values unchanged; see models/head.py):
                 T completion positions only (never on the prompt).
   lora_dropout  Safe-SFT with LoRA: p > 0 runs the unmerged adapters with
                 dropout on their input, one key per micro-batch from
-                fold_in(rng, step); p = 0 merges W + scale·A@B as before.
+                fold_in(rng, step); p = 0 merges W + scale·A@B.
   ref_logp      Safe-GDPO: reference log-probs computed once per rollout batch
                 (`reference_logprobs`, before the mu updates) instead of one
                 reference forward inside every update.
@@ -189,7 +189,7 @@ def completion_logprobs(model_cfg, params, prompt_ids, prompt_mask, completion_i
   prompt_ids / prompt_mask [n, P] left-padded; completion_ids / completion_mask
   [n, T]. Hidden states at positions P-1 .. P+T-2 (those predicting the T
   completion tokens) meet the head `logits_chunk` positions at a time (0: all T
-  at once). Returns [n, T] float32, 0 off the mask; equals rollout.token_logprobs.
+  at once). Returns [n, T] float32, 0 off the mask.
   """
   ids = jnp.concatenate([prompt_ids, completion_ids], axis=1).astype(jnp.int32)
   mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(jnp.int32)

@@ -6,7 +6,7 @@ Per row n, two lists are read from the parsed recommendations:
     its top K;
   * the safety list (SVR, S-DCG, unknown rate): the parsed list with seen
     titles kept, top K (the paper; `safety_drop_seen=True` scores the
-    ranked list instead, this project's earlier protocol).
+    ranked list instead).
 With hit_k / v_k the hit / violation flag of rank k in its list,
 d_k = 1 / log2(k + 1), L = items in the top K of that list, G = ground-truth size:
 
@@ -23,7 +23,7 @@ d_k = 1 / log2(k + 1), L = items in the top K of that list, G = ground-truth siz
   catalog_match  catalog_protocol="per_row" (paper): per row, the share of the
                  first `catalog_top` (20) parsed items (seen kept) found in the
                  catalog (title lower-cased, year +-2), 0 for a row without
-                 items, averaged over rows; "pooled" (earlier protocol): the
+                 items, averaged over rows; "pooled": the
                  share of all ranked-list items in the top max(ks) found.
 Hits follow the paper: exact, case-sensitive title and year +-2, assigned
 ground-truth-major (`hit_assignment="ground_truth_major"`: each ground-truth
