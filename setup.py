@@ -37,7 +37,8 @@ setup(
     extras_require={
         # torch is pinned exactly: that version installs a CPU build from a
         # local file here; any other spec drags in gigabytes of CUDA wheels.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "wandb>=0.17"],
+        # ruff: the lint step of .ci/run (rules in pyproject.toml).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "wandb>=0.17", "ruff>=0.17.6"],
         # Weights & Biases writer (log.wandb_project); the test extra has it to test offline.
         "wandb": ["wandb>=0.17"],
         # Accelerator builds of jax; documented in docs/scaling.md, not used in CI.

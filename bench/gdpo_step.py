@@ -60,7 +60,10 @@ def main(argv=None):
       hist.append(host)
     run.ckpt.close()
   timed = hist[1:] or hist
-  mean = lambda k: float(np.mean([h[k] for h in timed]))
+
+  def mean(k):
+    return float(np.mean([h[k] for h in timed]))
+
   phases = {p: mean(f"time/{p}_s") for p in ("rollout", "reward", "learner")}
   total = mean("time/step_s")
   out = {

@@ -131,8 +131,12 @@ def compare(name, batch, prompt_len, new, iters, repeats, greedy):
     with torch.no_grad():
       return model.generate(input_ids=t_ids, attention_mask=t_mask, **gen_kw)
 
-  ours_fn = lambda: rollout.generate(cfg, params, ids, mask, key, sc).tokens
-  one_fn = lambda: rollout.generate(cfg, params, ids, mask, key, sc, host_parallel=False).tokens
+  def ours_fn():
+    return rollout.generate(cfg, params, ids, mask, key, sc).tokens
+
+  def one_fn():
+    return rollout.generate(cfg, params, ids, mask, key, sc, host_parallel=False).tokens
+
   one_fn()
   split = rollout.host_mesh(None, batch)
   runs = {"ours": [], "ours_one_device": [], "hf": []}

@@ -10,7 +10,10 @@ from configs import demo
 from safecrs_jax import saferec
 from safecrs_jax.train import loop as train_loop
 from safecrs_jax.train import sft
-from tests.test_saferec import GORE, HORROR, oracle, oracle_files, sol  # noqa: F401 (fixtures)
+from tests import test_saferec
+from tests.test_saferec import GORE, HORROR, sol
+
+oracle_files, oracle = test_saferec.oracle_files, test_saferec.oracle   # its fixtures, reused
 
 ASK = [{"role": "user", "content": "hi"}]
 

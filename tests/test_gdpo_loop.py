@@ -99,7 +99,10 @@ def test_gdpo_lowers_rollout_svr_keeps_relevance(sft_run, tmp_path):
   hist = out["history"]
   assert len(hist) == 60 and out["final_step"] == 60
   q = len(hist) // 4
-  mean = lambda key, hs: float(np.mean([h[key] for h in hs]))
+
+  def mean(key, hs):
+    return float(np.mean([h[key] for h in hs]))
+
   first = {k: mean(k, hist[:q]) for k in ("rollout/svr", "rollout/hit", "rollout/num_items")}
   last = {k: mean(k, hist[-q:]) for k in first}
   print("first quarter", first, "last quarter", last)

@@ -128,7 +128,9 @@ def test_chunked_program_needs_far_less_temporary_memory():
   tg = jax.ShapeDtypeStruct((b, t), jnp.int32)
 
   def temp_bytes(logprobs_fn):
-    loss = lambda h, w, tg: -jnp.sum(logprobs_fn(h, w, tg))
+    def loss(h, w, tg):
+      return -jnp.sum(logprobs_fn(h, w, tg))
+
     compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(h, w, tg).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 

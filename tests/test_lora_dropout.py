@@ -73,8 +73,11 @@ def test_adapter_grads_equal_those_through_merge():
 def test_dropout_is_deterministic_per_key_and_changes_outputs():
   cfg = _cfg()
   params, ad, ids, mask = _setup(cfg)
-  fwd = lambda key: models.forward(cfg, params, ids, mask, lora=ad, lora_scale=SCALE,
-                                   lora_dropout=0.3, dropout_rng=key)
+
+  def fwd(key):
+    return models.forward(cfg, params, ids, mask, lora=ad, lora_scale=SCALE, lora_dropout=0.3,
+                          dropout_rng=key)
+
   ref = models.forward(cfg, params, ids, mask, lora=ad, lora_scale=SCALE)
   a, a2, b = fwd(jax.random.key(7)), fwd(jax.random.key(7)), fwd(jax.random.key(8))
   np.testing.assert_array_equal(a, a2)
