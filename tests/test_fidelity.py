@@ -22,7 +22,7 @@ from safecrs_jax.data import assets, tokens
 from safecrs_jax.rl import advantages
 from safecrs_jax.saferec import matching, mini, parsing
 from safecrs_jax.saferec.traits import TRAITS
-from safecrs_jax.train import gdpo, optim, sft
+from safecrs_jax.train import gdpo_setup, optim, sft
 
 GORE, HORROR = TRAITS[2], TRAITS[19]
 D2, D3 = 1 / math.log2(3), 1 / math.log2(4)
@@ -411,20 +411,20 @@ def _gdpo_section(**kw):
 def test_row1_gdpo_batch_counts_completions():
   # reference: 4 completions per device x 8 accumulation with G = 8 -> 4 prompts per
   # device per optimizer step, pooled into one normalisation.
-  geo = gdpo.batch_geometry(_gdpo_section(), dp=1)
+  geo = gdpo_setup.batch_geometry(_gdpo_section(), dp=1)
   assert (geo["step_prompts"], geo["micro_rows"], geo["accum"]) == (4, 4, 8)
-  assert gdpo.batch_geometry(_gdpo_section(), dp=8)["step_prompts"] == 32
+  assert gdpo_setup.batch_geometry(_gdpo_section(), dp=8)["step_prompts"] == 32
   # micro-batches of 4 rows hold half a group; rollouts go out one prompt per call
   assert (geo["chunks"], geo["chunk_prompts"]) == (4, 1)
-  assert gdpo.batch_geometry(_gdpo_section(), dp=4)["chunks"] == 4      # 16 prompts, 4 per call
+  assert gdpo_setup.batch_geometry(_gdpo_section(), dp=4)["chunks"] == 4      # 16 prompts, 4 per call
   # ours: batch_size counts prompts (x G completions): 8x more per step
-  ours = gdpo.batch_geometry(_gdpo_section(batch_unit="prompts"), dp=1)
+  ours = gdpo_setup.batch_geometry(_gdpo_section(batch_unit="prompts"), dp=1)
   assert (ours["step_prompts"], ours["micro_rows"], ours["chunks"]) == (32, 32, 8)
   with pytest.raises(ValueError, match="whole groups"):
-    gdpo.batch_geometry(_gdpo_section(batch_size=3, grad_accum=1), dp=1)
+    gdpo_setup.batch_geometry(_gdpo_section(batch_size=3, grad_accum=1), dp=1)
   # the demo keeps its step: 32 completions = 8 prompts x G = 4
   d = demo_config.get_config("stage=gdpo").gdpo
-  assert gdpo.batch_geometry(d, dp=1)["step_prompts"] == 8
+  assert gdpo_setup.batch_geometry(d, dp=1)["step_prompts"] == 8
 
 
 def test_row2_gdpo_lr_drops_for_3b_8b():

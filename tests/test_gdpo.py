@@ -22,8 +22,7 @@ def step_loss(logp, old_logp, ref_logp, advantages, mask, cfg):
       logp, old_logp, ref_logp, advantages, mask, cfg,
       total_tokens=jnp.sum(mask).astype(jnp.float32), total_seqs=logp.shape[0], num_micro=1)
   tok = jnp.maximum(sums["tokens"], 1.0)
-  return loss, {"kl": sums["kl"] / tok, "clip_low": sums["low_clipped"] / tok,
-                "clip_high": sums["high_clipped"] / tok}
+  return loss, {k: sums[k] / tok for k in policy_loss.CLIP_TERMS}
 
 
 def diag(rewards, group_size, weights=None):

@@ -31,7 +31,7 @@ from safecrs_jax.infra import flops
 from safecrs_jax.infra import sharding as shd
 from safecrs_jax.models import lora as lora_lib
 from safecrs_jax.rl import rollout, steps
-from safecrs_jax.train import gdpo, optim, policy
+from safecrs_jax.train import gdpo_setup, optim, policy
 from safecrs_jax.train import state as ts
 
 
@@ -123,7 +123,7 @@ def gdpo_programs(config, model_cfg, mesh, rules):
   g = config.gdpo
   tx, sched = optim.make_optimizer(config.optim, 1000)
   state, state_sh = _abstract_state(config, model_cfg, mesh, rules, tx)
-  geo = gdpo.batch_geometry(g, shd.data_parallel_size(mesh))      # the stage's own geometry
+  geo = gdpo_setup.batch_geometry(g, shd.data_parallel_size(mesh))  # the stage's geometry
   group, a, b = geo["group"], geo["accum"], geo["micro_rows"]
   prompts = geo["chunk_prompts"]                                   # prompts per rollout call
   p = max(int(g.max_prompt_length), *map(int, g.prompt_buckets))
@@ -154,7 +154,8 @@ def gdpo_programs(config, model_cfg, mesh, rules):
     out.append(Program("gdpo_reference", ref_fn, (state.params, batch), per_device_bytes(state),
                        flops.forward(model_cfg, a * b, p + t, t), "forward", shapes,
                        seq=p + t))
-  learn = jax.jit(functools.partial(steps.gdpo_train_step, loss_cfg=gdpo.loss_config(g), tx=tx,
+  learn = jax.jit(functools.partial(steps.gdpo_train_step,
+                                    loss_cfg=gdpo_setup.loss_config(g), tx=tx,
                                     schedule=sched, **kw),
                   in_shardings=(state_sh, None, b_sh),
                   out_shardings=(state_sh, shd.replicated(mesh)), donate_argnums=0)

@@ -32,6 +32,9 @@ information. It is left out of every count, mean and std; its normalised value i
   * a row whose rewards are all missing gets advantage 0 and is left out of the
     group statistics and of gdpo's batch-level normalisation.
 """
+import dataclasses
+from collections.abc import Callable
+
 import jax.numpy as jnp
 
 ADV_EPS = 1e-4  # (r - mean) / (std + ADV_EPS), as in the reference trainers
@@ -87,12 +90,18 @@ def rank_advantages(r, valid, weights, group_size):
   return flat.reshape(combined.shape)
 
 
-# name -> (function, rewards rank it takes: [B, R] = 2, [B, R, I] = 3)
+@dataclasses.dataclass(frozen=True)
+class Advantage:
+  """A registered advantage mode."""
+  fn: Callable      # fn(rewards 0 where missing, valid, weights [R], group_size)
+  per_rank: bool    # takes per-rank rewards [B, R, I] and returns [B, I]; else [B, R] -> [B]
+
+
 ADVANTAGES = {
-    "gdpo": (gdpo_advantages, 2),
-    "grpo": (grpo_advantages, 2),
-    "rank": (rank_advantages, 3),
-    "rank_no_batch_norm": (rank_advantages_no_batch_norm, 3),
+    "gdpo": Advantage(gdpo_advantages, per_rank=False),
+    "grpo": Advantage(grpo_advantages, per_rank=False),
+    "rank": Advantage(rank_advantages, per_rank=True),
+    "rank_no_batch_norm": Advantage(rank_advantages_no_batch_norm, per_rank=True),
 }
 ADVANTAGE_MODES = tuple(ADVANTAGES)
 
@@ -100,9 +109,9 @@ ADVANTAGE_MODES = tuple(ADVANTAGES)
 def _check_rewards(rewards, group_size, weights, mode):
   if mode not in ADVANTAGES:
     raise ValueError(f"advantage mode must be one of {ADVANTAGE_MODES}, got {mode!r}")
-  want = ADVANTAGES[mode][1]
-  if rewards.ndim != want:
-    legend = "[B, R, rec_num]" if want == 3 else "[B, R]"
+  per_rank = ADVANTAGES[mode].per_rank
+  if rewards.ndim != (3 if per_rank else 2):
+    legend = "[B, R, rec_num]" if per_rank else "[B, R]"
     raise ValueError(f"rewards must be {legend} in mode {mode!r}, got shape {rewards.shape}")
   if group_size < 1 or rewards.shape[0] % group_size:
     raise ValueError(f"rewards: {rewards.shape[0]} rows are not a multiple of "
@@ -131,8 +140,7 @@ def compute_advantages(rewards, group_size, weights=None, mode="gdpo"):
   rewards = jnp.asarray(rewards, jnp.float32)
   weights = _check_rewards(rewards, group_size, weights, mode)
   valid = ~jnp.isnan(rewards)
-  fn, _ = ADVANTAGES[mode]
-  return fn(jnp.where(valid, rewards, 0.0), valid, weights, group_size)
+  return ADVANTAGES[mode].fn(jnp.where(valid, rewards, 0.0), valid, weights, group_size)
 
 
 def _collapse_share(rewards, adv, group_size, tol=1e-5):

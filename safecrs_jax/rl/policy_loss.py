@@ -19,6 +19,16 @@ import jax.numpy as jnp
 
 IS_LEVELS = ("sequence", "token")
 
+# The learner's loss metrics, named once. CLIP_TERMS: per-token terms of
+# per_token_loss that micro_batch_loss sums over a micro-batch's completion
+# tokens; the learner step (steps.gdpo_train_step) adds the sum of the token
+# ratio exp(logp - old_logp) and reports each sum / tokens as a token mean
+# (TOKEN_MEANS). LOSS_METRICS are what the stage logs as train/<name> window
+# means (beside train/lr, the last value).
+CLIP_TERMS = ("kl", "clip_low", "clip_high")
+TOKEN_MEANS = CLIP_TERMS + ("ratio",)
+LOSS_METRICS = ("loss",) + TOKEN_MEANS + ("grad_norm",)
+
 
 def masked_sum(x, mask, axis=None):
   """Σ x·mask (float32)."""
@@ -94,7 +104,7 @@ def per_token_loss(logp, old_logp, ref_logp, advantages, mask, cfg):
     cfg: LossConfig.
   Returns:
     (loss [B, T] (0 outside the mask), dict of [B, T] float32 terms: ratio,
-     kl, low_clipped, high_clipped).
+     kl, clip_low, clip_high).
   The importance weight is exp(logp - old) per token, or at the sequence level
   exp(mean_t(logp - old)) over the completion, shared by the sequence's tokens
   (its gradient carries the 1/|y| of the mean; GSPO / TRL "sequence").
@@ -119,8 +129,8 @@ def per_token_loss(logp, old_logp, ref_logp, advantages, mask, cfg):
   terms = {
       "ratio": ratio,
       "kl": kl,
-      "low_clipped": ((ratio < 1.0 - cfg.eps_low) & (adv < 0)).astype(jnp.float32),
-      "high_clipped": ((ratio > 1.0 + cfg.eps_high) & (adv > 0)).astype(jnp.float32),
+      "clip_low": ((ratio < 1.0 - cfg.eps_low) & (adv < 0)).astype(jnp.float32),
+      "clip_high": ((ratio > 1.0 + cfg.eps_high) & (adv > 0)).astype(jnp.float32),
   }
   return loss * mask, terms
 
@@ -131,11 +141,11 @@ def micro_batch_loss(logp, old_logp, ref_logp, advantages, mask, cfg, *,
 
   total_tokens: Σ mask over the whole step; total_seqs: n, sequences in the whole step;
   num_micro: A. Returns (scalar loss share, dict of metric *sums* over the
-  micro-batch's completion tokens: kl, low_clipped, high_clipped, tokens).
+  micro-batch's completion tokens: CLIP_TERMS and tokens).
   """
   loss, terms = per_token_loss(logp, old_logp, ref_logp, advantages, mask, cfg)
   mask = mask.astype(jnp.float32)
   share = AGGREGATIONS[cfg.loss_agg](loss, mask, total_tokens, total_seqs, num_micro)
-  sums = {k: masked_sum(terms[k], mask) for k in ("kl", "low_clipped", "high_clipped")}
+  sums = {k: masked_sum(terms[k], mask) for k in CLIP_TERMS}
   sums["tokens"] = mask.sum()
   return share, sums

@@ -178,9 +178,6 @@ def sft_eval_step(state, batch, *, model_cfg, lora_scale=None, logits_chunk=0, m
 
 # -- Safe-GDPO --------------------------------------------------------------------
 
-_GDPO_SUMS = ("kl", "low_clipped", "high_clipped", "tokens", "ratio")
-
-
 def completion_logprobs(model_cfg, params, prompt_ids, prompt_mask, completion_ids,
                         completion_mask, temperature=1.0, *, logits_chunk=0, mesh=None,
                         rules=None):
@@ -228,8 +225,8 @@ def gdpo_train_step(state, ref_params, batch, *, model_cfg, loss_cfg, tx, schedu
   positions only (completion_logprobs). The loss is LossConfig's aggregation
   over the whole step; each micro-batch adds the gradient of its share
   (policy_loss.micro_batch_loss), so A micro-batches equal one big one.
-  Returns (state', metrics: loss, kl, clip_low, clip_high, ratio (token mean),
-  grad_norm, lr, tokens).
+  Returns (state', metrics: loss, the token means policy_loss.TOKEN_MEANS (kl,
+  clip_low, clip_high, ratio), grad_norm, lr, tokens).
   """
   if state.lora is not None:
     raise ValueError("gdpo_train_step trains full parameters; merge LoRA adapters first")
@@ -257,13 +254,12 @@ def gdpo_train_step(state, ref_params, batch, *, model_cfg, loss_cfg, tx, schedu
     sums["ratio"] = policy_loss.masked_sum(jnp.exp(logp - mb.old_logp), mask)
     return share, sums
 
-  zero_sums = {k: jnp.zeros((), jnp.float32) for k in _GDPO_SUMS}
+  zero_sums = {k: jnp.zeros((), jnp.float32) for k in policy_loss.TOKEN_MEANS + ("tokens",)}
   grads, loss, sums = accumulate(jax.value_and_grad(micro, has_aux=True), state.params,
                                  batch, zero_sums)
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
   tok = jnp.maximum(sums["tokens"], 1.0)
-  metrics = {"loss": loss, "kl": sums["kl"] / tok, "clip_low": sums["low_clipped"] / tok,
-             "clip_high": sums["high_clipped"] / tok, "ratio": sums["ratio"] / tok,
+  metrics = {"loss": loss, **{k: sums[k] / tok for k in policy_loss.TOKEN_MEANS},
              "grad_norm": optax.global_norm(grads), "lr": schedule(state.step),
              "tokens": sums["tokens"]}
   return apply_gradients(state, grads, tx), metrics

@@ -4,9 +4,10 @@
 
 Reading order: rows are loaded, curated and tokenized (`load_sft_examples`),
 ordered by a per-epoch permutation and collated into TokenBatches
-(`Batcher`); `Run` builds the mesh, the policy (policy.load_policy) and the
-sharded train state (restored when the workdir holds a checkpoint), and jits
-steps.sft_train_step; `train` hands it to train_loop.run_loop. Restarting the
+(`Batcher`); `Run` (a stage.Stage) builds the policy (policy.load_policy)
+and the sharded train state (restored when the workdir holds a checkpoint);
+its step calls the jitted steps.sft_train_step built beside it, and `run()`
+loops (train_loop.run_loop). Restarting the
 same command continues the same loss trajectory: batches come from a
 permutation seeded by (seed, epoch) and the step's RNG is fold_in(seed key, step).
 
@@ -17,7 +18,6 @@ import functools
 import json
 import os
 import re
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,12 +25,12 @@ import numpy as np
 
 from safecrs_jax import models, saferec
 from safecrs_jax.data import assets, tokens
-from safecrs_jax.infra import chips, flops, provenance, run_lock, storage
+from safecrs_jax.infra import flops, run_lock, storage
 from safecrs_jax.infra import sharding as shd
 from safecrs_jax.models import lora as lora_lib
 from safecrs_jax.rl import steps
 from safecrs_jax.saferec.relational import training as rel_training
-from safecrs_jax.train import checkpoint, loop, optim, policy
+from safecrs_jax.train import checkpoint, loop, optim, policy, stage
 from safecrs_jax.train import state as ts
 
 # -- data ---------------------------------------------------------------------
@@ -176,32 +176,15 @@ def eval_batches(examples, *, micro, buckets, sharding, max_batches=-1):
     yield _collate(examples, full, length, sharding, (micro, length), 0)
 
 
-# -- setup --------------------------------------------------------------------
+# -- the stage ----------------------------------------------------------------
 
-def fingerprint(model_cfg, config, global_batch, *, data, tokenizer, init, mix=None):
-  """What must not change between a checkpoint and the run resuming from it.
-
-  The model, the data's and tokenizer's content, the starting weights, every
-  result-changing setting (train_loop.stage_fingerprint), the global batch and,
-  when on, the relational mix's settings (unchanged fingerprint when off).
-  """
-  lora_cfg = config.sft.lora
-  return loop.stage_fingerprint(
-      config, "sft", model_cfg, data=data, tokenizer=tokenizer, init=init,
-      lora=({"rank": int(lora_cfg.rank), "alpha": float(lora_cfg.alpha),
-             "targets": list(lora_cfg.targets)} if int(lora_cfg.rank) else {}),
-      global_batch=int(global_batch), seed=int(config.seed),
-      **({"relational_mix": mix.settings} if mix else {}))
-
-
-class Run:
-  """Everything `train` builds before looping; tests and benchmarks use the pieces."""
+class Run(stage.Stage):
+  """Safe-SFT's setup and step; `run()` loops (tests and benchmarks use the pieces)."""
+  name = "sft"
 
   def __init__(self, config, workdir):
-    self.config, self.workdir = config, storage.resolve(workdir)
     self.lora_on = lora_lib.check_config(config.sft.lora)
-    self.mesh, self.rules = shd.mesh_from_config(config)
-    self.data_dir = assets.resolve_data_dir(config)
+    super().__init__(config, workdir)
     self.tokenizer = tokens.load_tokenizer(assets.resolve_tokenizer_path(config, self.data_dir))
     self.model_cfg = policy.model_config(config, self.tokenizer)
     tokens.check_buckets(config.tokenizer.buckets, int(config.tokenizer.max_length),
@@ -213,9 +196,15 @@ class Run:
     self.tx, self.schedule = optim.make_optimizer(config.optim, self.total_steps)
     self.lora_scale = (lora_lib.scale(config.sft.lora.alpha, config.sft.lora.rank)
                        if self.lora_on else None)
-    self._build_state()
+    self._restore()
     loop.write_run_files(self.workdir, config, self.model_cfg, self.tokenizer)
-    self._jit_steps()
+    self.timer = stage.StepTimer()
+    self.summary = {
+        "workdir": self.workdir, "start_step": self.start_step, "total_steps": self.total_steps,
+        "train_loss": [], "val_loss": [], "preempted": False,
+        "truncation": {"train": self.train_examples.report(),
+                       "validation": self.val_examples.report()},
+        "curation": self.curation}
 
   def _load_data(self):
     config = self.config
@@ -255,8 +244,12 @@ class Run:
       with storage.open(os.path.join(self.workdir, "curation.json"), "w", encoding="utf-8") as f:
         json.dump(self.curation, f, indent=1, ensure_ascii=False)
 
-  def _build_state(self):
-    """Abstract state -> shardings -> restore the latest checkpoint or initialise."""
+  def _restore(self):
+    """Abstract state -> shardings -> restore the latest checkpoint or initialise.
+
+    The fingerprint adds to the stage's (stage.Stage.stage_fingerprint) the LoRA
+    settings (when on) and the global batch.
+    """
     config = self.config
     rank, targets = int(config.sft.lora.rank), tuple(config.sft.lora.targets)
     abstract_params = models.abstract_params(self.model_cfg)
@@ -266,21 +259,15 @@ class Run:
                 if self.lora_on else None)
       params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract_params)
       return ts.create(params, self.tx, lora_p)
-    abstract = jax.eval_shape(make_abstract)
-    self.state_shardings = ts.shardings(abstract, models.param_logical_axes(self.model_cfg),
-                                        self.mesh, self.rules)
-    self.abstract_state = ts.with_shardings(abstract, self.state_shardings)
-    self.fingerprint = fingerprint(
-        self.model_cfg, config, self.batcher.global_batch,
-        data=provenance.data_fingerprint(self.data_dir),
-        tokenizer=provenance.tokenizer_hash(self.tokenizer),
-        init=policy.source_identity(config, ""), mix=self.mix)
-    self.ckpt = loop.open_checkpointer(config, self.workdir)
-    self.root_key = jax.random.key(int(config.seed))
-    self.state, self.data_state = loop.restore_or_init(
-        self.ckpt, self.abstract_state, self.fingerprint,
-        functools.partial(self._init_state, rank, targets),
-        overwrite=bool(config.checkpoint.get("overwrite", False)))
+    lora_cfg = config.sft.lora
+    fingerprint = self.stage_fingerprint(
+        policy.source_identity(config, ""),
+        lora=({"rank": int(lora_cfg.rank), "alpha": float(lora_cfg.alpha),
+               "targets": list(lora_cfg.targets)} if int(lora_cfg.rank) else {}),
+        global_batch=int(self.batcher.global_batch), seed=int(config.seed))
+    self.data_state = self.restore(jax.eval_shape(make_abstract), fingerprint,
+                                   functools.partial(self._init_state, rank, targets))
+    self.start_step = int(jax.device_get(self.state.step))
     if self.data_state is not None:
       self._check_position()
 
@@ -294,22 +281,8 @@ class Run:
       return ts.create(params, self.tx, lora_p)
     return jax.jit(make, out_shardings=self.state_shardings)(params)
 
-  def _jit_steps(self):
-    kw = dict(model_cfg=self.model_cfg, lora_scale=self.lora_scale, mesh=self.mesh,
-              rules=self.rules, logits_chunk=int(self.config.model.get("logits_chunk", 0)))
-    repl = shd.replicated(self.mesh)
-    dropout = float(self.config.sft.lora.get("dropout", 0.0)) if self.lora_on else 0.0
-    self.train_step = jax.jit(
-        functools.partial(steps.sft_train_step, tx=self.tx, schedule=self.schedule,
-                          lora_dropout=dropout, **kw),
-        in_shardings=(self.state_shardings, self.train_sharding, repl),
-        out_shardings=(self.state_shardings, repl), donate_argnums=0)
-    self.eval_step = jax.jit(functools.partial(steps.sft_eval_step, **kw),
-                             in_shardings=(self.state_shardings, self.eval_sharding),
-                             out_shardings=repl)
-
   def _check_position(self):
-    step = int(jax.device_get(self.state.step))
+    step = self.start_step
     epoch, index = self.batcher.position(step)
     saved = (self.data_state.get("epoch"), self.data_state.get("index"))
     if saved != (epoch, index):
@@ -322,6 +295,35 @@ class Run:
     return {"epoch": epoch, "index": index, "step": int(step),
             "rng_seed": int(self.config.seed), "fingerprint": self.fingerprint}
 
+  def start(self, books):
+    """The banner; validation at step 0 of a fresh run; the validation hook."""
+    if self.start_step == 0:
+      self.notify(f"sft: {len(self.train_examples)} train rows, {self.total_steps} steps, "
+                  f"global batch {self.batcher.global_batch}, "
+                  f"truncation {self.summary['truncation']}")
+    else:
+      self.notify(f"sft: resuming from step {self.start_step} in {self.ckpt.directory}")
+    self.timer.restart()
+    every = int(self.config.sft.eval_every)
+    if every <= 0:
+      return []
+    if self.start_step == 0:
+      self.validate(0, self.state, books.writer)
+    return [lambda step, state: loop.due(step, every, self.total_steps)
+            and self.validate(step, state, books.writer)]
+
+  # -- the jitted steps, each beside its caller ------------------------------------
+  def _step_kw(self):
+    return dict(model_cfg=self.model_cfg, lora_scale=self.lora_scale, mesh=self.mesh,
+                rules=self.rules, logits_chunk=int(self.config.model.get("logits_chunk", 0)))
+
+  @functools.cached_property
+  def eval_fn(self):
+    """Jitted steps.sft_eval_step: (state, TokenBatch [B, T]) -> (NLL sum, loss tokens)."""
+    return jax.jit(functools.partial(steps.sft_eval_step, **self._step_kw()),
+                   in_shardings=(self.state_shardings, self.eval_sharding),
+                   out_shardings=shd.replicated(self.mesh))
+
   def evaluate(self, state=None):
     """Token-mean validation loss (sft.eval_batches micro-batches)."""
     state = self.state if state is None else state
@@ -330,48 +332,52 @@ class Run:
                               buckets=self.config.tokenizer.buckets,
                               sharding=self.eval_sharding,
                               max_batches=int(self.config.sft.eval_batches)):
-      s, c = self.eval_step(state, batch)
+      s, c = self.eval_fn(state, batch)
       sums.append(s)
       counts.append(c)
     s, c = jax.device_get((sum(sums), sum(counts)))
     return float(s) / max(float(c), 1.0)
 
-  # -- the stage protocol of train_loop.run_loop ---------------------------------
+  def validate(self, step, state, writer):
+    """Validation loss at `step`: written, printed, kept in the summary; not timed."""
+    val = self.evaluate(state)
+    writer.write(step, {"val/loss": val})
+    self.summary["val_loss"].append((step, val))
+    self.notify(f"step {step}: val loss {val:.4f}")
+    self.timer.restart()  # keep evaluation out of tokens/s
+
+  @functools.cached_property
+  def train_fn(self):
+    """Jitted steps.sft_train_step: (state, TokenBatch [A, B, T], root key) -> (state', metrics)."""
+    repl = shd.replicated(self.mesh)
+    dropout = float(self.config.sft.lora.get("dropout", 0.0)) if self.lora_on else 0.0
+    return jax.jit(
+        functools.partial(steps.sft_train_step, tx=self.tx, schedule=self.schedule,
+                          lora_dropout=dropout, **self._step_kw()),
+        in_shardings=(self.state_shardings, self.train_sharding, repl),
+        out_shardings=(self.state_shardings, repl), donate_argnums=0)
+
   def step(self, state, step):
     """Dispatches one optimizer step; out = (step number, device metrics, real tokens)."""
     batch, ntok = self.batcher.batch(step)
-    state, metrics = self.train_step(state, batch, self.root_key)
+    state, metrics = self.train_fn(state, batch, self.root_key)
     return state, (step + 1, metrics, ntok)
 
   def log(self, step, outs):
     """Fetches the pending metrics (the host sync) into one record."""
     fetched = jax.device_get([m for _, m, _ in outs])
-    dt = time.perf_counter() - self.t0
-    last = fetched[-1]
+    dt = self.timer.lap()
+    last, ntok = fetched[-1], sum(n for *_, n in outs)
     record = {"train/loss": float(np.mean([m["loss"] for m in fetched])),
               "train/grad_norm": float(last["grad_norm"]), "train/lr": float(last["lr"]),
-              "train/tokens_per_s": sum(n for *_, n in outs) / dt,
-              "train/step_time_s": dt / len(fetched)}
+              "train/tokens_per_s": ntok / dt, "train/step_time_s": dt / len(fetched)}
     rows = self.batcher.global_batch
-    per_row = sum(n for *_, n in outs) / (rows * len(outs))        # real tokens per row
-    util = chips.mfu(len(outs) * flops.train(self.model_cfg, rows, per_row, per_row), dt)
-    if util is not None:
-      record["perf/mfu"] = util
+    per_row = ntok / (rows * len(outs))                             # real tokens per row
+    record.update(self.timer.mfu(
+        len(outs) * flops.train(self.model_cfg, rows, per_row, per_row), dt))
     self.summary["train_loss"].extend((s, float(m["loss"])) for (s, _, _), m in
-                                      zip(outs, fetched))
-    self.t0 = time.perf_counter()
+                                      zip(outs, fetched, strict=True))
     return record, {"loss": record["train/loss"], "lr": record["train/lr"]}
-
-
-def _validator(run, books):
-  """validate(step, state): validation loss written, printed and kept in the summary."""
-  def validate(step, state):
-    val = run.evaluate(state)
-    books.writer.write(step, {"val/loss": val})
-    run.summary["val_loss"].append((step, val))
-    books.progress.write(f"step {step}: val loss {val:.4f}")
-    run.t0 = time.perf_counter()  # keep evaluation out of tokens/s
-  return validate
 
 
 def train(config, workdir, *, stop_at=None, step_hook=None):
@@ -386,40 +392,5 @@ def train(config, workdir, *, stop_at=None, step_hook=None):
   `run` (the Run, holding the final state).
   """
   with run_lock.hold(workdir):
-    return _train(config, workdir, stop_at, step_hook)
-
-
-def _train(config, workdir, stop_at, step_hook):
-  run = Run(config, workdir)
-  start = int(jax.device_get(run.state.step))
-  run.summary = summary = {
-      "workdir": run.workdir, "start_step": start, "total_steps": run.total_steps,
-      "train_loss": [], "val_loss": [], "preempted": False,
-      "truncation": {"train": run.train_examples.report(),
-                     "validation": run.val_examples.report()},
-      "curation": run.curation}
-  eval_every = int(config.sft.eval_every)
-  with loop.Books(run.workdir, config.log, run.total_steps, start, "sft",
-                  run_config=config) as books:
-    if start == 0:
-      books.progress.write(
-          f"sft: {len(run.train_examples)} train rows, {run.total_steps} steps, global batch "
-          f"{run.batcher.global_batch}, truncation {summary['truncation']}")
-    else:
-      books.progress.write(f"sft: resuming from step {start} in {run.ckpt.directory}")
-    validate = _validator(run, books)
-    run.t0 = time.perf_counter()
-    if start == 0 and eval_every > 0:
-      validate(0, run.state)
-    hooks = []
-    if eval_every > 0:
-      hooks.append(lambda step, state: loop.due(step, eval_every, run.total_steps)
-                   and validate(step, state))
-    if step_hook is not None:
-      hooks.append(step_hook)
-    state, step, preempted = loop.run_loop(run, run.state, start, books,
-                                           log_every=config.log.every, hooks=hooks,
-                                           stop_at=stop_at)
-  run.state = state
-  summary.update(final_step=step, preempted=preempted, run=run)
-  return summary
+    run = Run(config, workdir)
+    return run.run(hooks=() if step_hook is None else (step_hook,), stop_at=stop_at)
