@@ -185,10 +185,9 @@ class Run(stage.Stage):
     kw = dict(model_cfg=self.model_cfg, temperature=self.temperature, mesh=self.mesh,
               rules=self.rules, logits_chunk=int(self.config.model.get("logits_chunk", 0)))
     # the frozen reference's log-probs: once per rollout batch, not once per update
+    p_sh = models.param_shardings(self.model_cfg, self.mesh, self.rules)
     reference = jax.jit(functools.partial(steps.reference_logprobs, **kw),
-                        in_shardings=(models.param_shardings(self.model_cfg, self.mesh,
-                                                             self.rules),
-                                      sh.replace(ref_logp=None)), out_shardings=sh3)
+                        in_shardings=(p_sh, sh.replace(ref_logp=None)), out_shardings=sh3)
     update = jax.jit(
         functools.partial(steps.gdpo_train_step, loss_cfg=self.loss_cfg, tx=self.tx,
                           schedule=self.schedule, **kw),
@@ -226,7 +225,8 @@ class Run(stage.Stage):
     reward_s = timer.lap()
     adv, raw_adv, diag = self.token_advantages(rewards, batch)          # [A, B] or [A, B, T]
     lb = self.learner_batch(batch, adv)
-    update, learner = self.learner_fns[2], []
+    _, _, update = self.learner_fns
+    learner = []
     for _ in range(self.mu):
       state, m = update(state, None, lb)
       learner.append(m)
