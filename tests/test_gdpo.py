@@ -75,6 +75,17 @@ def test_grpo_collapses_where_gdpo_separates():
   assert float(d["collapse_grpo"]) == 1.0 and float(d["collapse_gdpo"]) == 0.0
 
 
+def test_registry_entry_says_which_rewards_a_mode_takes():
+  seq, ranked = np.zeros((4, 2), np.float32), np.zeros((4, 2, 3), np.float32)
+  assert {m for m, e in advantages.ADVANTAGES.items() if e.per_rank} == {"rank",
+                                                                          "rank_no_batch_norm"}
+  for mode, entry in advantages.ADVANTAGES.items():
+    takes, other = (ranked, seq) if entry.per_rank else (seq, ranked)
+    assert advs(takes, 2, mode=mode).shape == ((4, 3) if entry.per_rank else (4,))
+    with pytest.raises(ValueError, match="rewards must be"):
+      advs(other, 2, mode=mode)
+
+
 def test_zero_variance_groups():
   # Group 0 constant in both rewards -> 0; group 1 varies in reward 0 only.
   r = np.array([[1.0, -1.0], [1.0, -1.0], [0.0, 0.0], [1.0, 0.0]])
@@ -288,6 +299,7 @@ def test_sharded_step_equals_single_device():
   ref = jax.tree.map(lambda x: x * 1.01, params)
   s1, m1 = jax.jit(step)(state, ref, batch)
   assert 0.5 < float(m1["ratio"]) < 1.5 and float(m1["kl"]) > 0
+  assert set(m1) == set(policy_loss.LOSS_METRICS) | {"lr", "tokens"}   # the names the stage logs
 
   mesh = shd.make_mesh((("data", 2), ("fsdp", 4), ("tensor", 1)), devices=jax.devices())
   st_sh = ts.shardings(jax.eval_shape(lambda: state), models.param_logical_axes(cfg), mesh)

@@ -7,7 +7,7 @@ import pytest
 from configs import demo
 from safecrs_jax.infra import chips, metrics_log
 from safecrs_jax.train import loop as train_loop
-from safecrs_jax.train import sft
+from safecrs_jax.train import sft, stage
 
 
 def _config(cache, **log):
@@ -56,3 +56,12 @@ def test_mfu_uses_the_chip_table():
   # 989 TFLOP/s per device: 2 devices doing 989e12 FLOPs in 1 s run at 50%
   assert chips.mfu(989e12, 1.0, [Dev(), Dev()]) == pytest.approx(0.5)
   assert chips.mfu(1e12, 1.0) is None                 # CPU: no peak to divide by
+
+
+def test_step_timer_laps_add_up_and_no_mfu_on_cpu():
+  timer = stage.StepTimer()
+  first, second = timer.lap(), timer.lap()
+  assert first >= 0 and second >= 0 and timer.total() == pytest.approx(first + second)
+  timer.restart()
+  assert timer.total() == 0.0
+  assert stage.StepTimer.mfu(1e12, 1.0) == {}                  # CPU: no peak to divide by
