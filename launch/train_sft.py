@@ -16,7 +16,7 @@ from ml_collections import config_flags
 import launch
 from safecrs_jax import plan
 from safecrs_jax.infra import sharding
-from safecrs_jax.train import sft
+from safecrs_jax.train import sft, sft_data
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "configs/<name>.py[:args] file (see configs/common.py)", lock_config=True)
@@ -40,7 +40,7 @@ def main(argv):
     summary = sft.train(config, _WORKDIR.value)
   if sharding.is_main_process():
     for split, report in summary["curation"].items():
-      print("\n".join(sft.curation_lines(report, split)))
+      print("\n".join(sft_data.curation_lines(report, split)))
   if summary["preempted"]:
     raise SystemExit(launch.PREEMPTED)  # 128 + SIGTERM: the scheduler sees a preempted job
 

@@ -9,7 +9,7 @@ are unknown to it. Every expected list below is worked out by hand.
 from configs import demo
 from safecrs_jax import saferec
 from safecrs_jax.train import loop as train_loop
-from safecrs_jax.train import sft
+from safecrs_jax.train import sft_data
 from tests import test_saferec
 from tests.test_saferec import GORE, HORROR, sol
 
@@ -164,11 +164,11 @@ def test_prepare_rows_and_fingerprint(oracle):
   assert c.sft.backfill is False
   base = train_loop.result_settings(c)
   assert "backfill" not in base["sft"]                 # old checkpoints' fingerprint unchanged
-  rows, report = sft.prepare_rows([B, C, A], c, oracle)
+  rows, report = sft_data.prepare_rows([B, C, A], c, oracle)
   assert report["items_backfilled"] == 0 and len(items(rows[2])) == 2
   c.sft.backfill = True
   on = train_loop.result_settings(c)
   assert on["sft"]["backfill"] is True and on != base   # a resume with another setting is refused
   assert {k: v for k, v in on["sft"].items() if k != "backfill"} == base["sft"]
-  rows, report = sft.prepare_rows([B, C, A], c, oracle)
+  rows, report = sft_data.prepare_rows([B, C, A], c, oracle)
   assert report["items_backfilled"] == 2 and len(items(rows[2])) == 4

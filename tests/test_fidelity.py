@@ -22,7 +22,7 @@ from safecrs_jax.data import assets, tokens
 from safecrs_jax.rl import advantages
 from safecrs_jax.saferec import matching, mini, parsing
 from safecrs_jax.saferec.traits import TRAITS
-from safecrs_jax.train import gdpo_setup, optim, sft
+from safecrs_jax.train import gdpo_setup, optim, sft_data
 
 GORE, HORROR = TRAITS[2], TRAITS[19]
 D2, D3 = 1 / math.log2(3), 1 / math.log2(4)
@@ -441,10 +441,10 @@ def test_row12_sft_targets_verbatim_by_default():
   assert c.sft.curate is False
   row = {"completion": "<reasoning>r</reasoning>\n<solution>\nA (2000)\n</solution>",
          "constraints": {HORROR: True}}
-  rows, report = sft.prepare_rows([row], c)               # no oracle needed, text untouched
+  rows, report = sft_data.prepare_rows([row], c)               # no oracle needed, text untouched
   assert rows[0]["completion"] == row["completion"] and report["rows_out"] == 1
   c.sft.reasoning = False                                 # option: strip the reasoning block
-  assert sft.prepare_rows([row], c)[0][0]["completion"] == "<solution>\nA (2000)\n</solution>"
+  assert sft_data.prepare_rows([row], c)[0][0]["completion"] == "<solution>\nA (2000)\n</solution>"
 
 
 def test_row14_lora_defaults():

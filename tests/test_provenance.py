@@ -11,7 +11,7 @@ import pytest
 from safecrs_jax import evaluation, saferec
 from safecrs_jax.data import assets
 from safecrs_jax.infra import provenance, run_lock
-from safecrs_jax.train import checkpoint, gdpo, policy, sft
+from safecrs_jax.train import checkpoint, gdpo, policy, sft, sft_data
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fault_driver  # noqa: E402
@@ -189,7 +189,7 @@ def test_curation_report_is_saved_in_the_run_dir(sft_run):
     assert r["rows_in"] - r["rows_out"] == r["rows_dropped_no_safe_gt"] == len(r["dropped"])
     assert r["rows_dropped_no_safe_gt"] > 0
     assert all(set(d) == {"index", "request", "constraints"} for d in r["dropped"])
-  lines = sft.curation_lines(report["train"], "train")
+  lines = sft_data.curation_lines(report["train"], "train")
   assert f"({report['train']['rows_dropped_no_safe_gt']} dropped" in lines[0]
   assert len(lines) == 1 + min(5, report["train"]["rows_dropped_no_safe_gt"])
 

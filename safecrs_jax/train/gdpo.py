@@ -144,8 +144,8 @@ class Run(stage.Stage):
     """Rewards of a rollout batch: (rewards [B, R] or [B, R, I], texts, rollout metrics)."""
     ids = batch["completion_ids"].reshape(-1, batch["completion_ids"].shape[-1])
     mask = batch["completion_mask"].reshape(ids.shape)
-    texts = self.tokenizer.batch_decode([row[m > 0].tolist() for row, m in zip(ids, mask, strict=True)],
-                                        skip_special_tokens=True)
+    texts = self.tokenizer.batch_decode(
+        [row[m > 0].tolist() for row, m in zip(ids, mask, strict=True)], skip_special_tokens=True)
     rows = [self.rows[i] for i in np.repeat(idx.reshape(-1), self.group)]
     parsed = saferec.parse_all(texts)
     rewards = saferec.reward_table(tuple(self.gcfg.rewards), parsed, rows, self.oracle,
