@@ -177,7 +177,7 @@ def as_tuples(x):
 
 def mesh_from_config(config, devices=None):
   """(mesh, rules) from a run config's `mesh` section (shape, rules, num_devices)."""
-  n = int(config.mesh.get("num_devices", -1))
+  n = int(config.mesh.num_devices)
   if devices is None and n > 0:
     if jax.process_count() > 1:
       raise ValueError("mesh.num_devices only applies to single-process runs")

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from safecrs_jax import config as config_lib
 from safecrs_jax import models, saferec
 from safecrs_jax.data import assets, tokens
 from safecrs_jax.infra import chips, flops, provenance, run_lock, storage
@@ -53,8 +54,8 @@ def reward_settings(gcfg):
       rec_num=int(gcfg.rec_num), lambda_safe=float(gcfg.lambda_safe),
       penalty_safe=float(gcfg.penalty_safe), target_count=int(gcfg.target_count),
       lambda_count=float(gcfg.lambda_count), relevance=str(gcfg.relevance),
-      rank_reward=str(gcfg.rank_reward), year_order=str(gcfg.get("year_order", "later_first")),
-      discount_safety=bool(gcfg.get("rank_discount_safety", True)))
+      rank_reward=str(gcfg.rank_reward), year_order=str(gcfg.year_order),
+      discount_safety=bool(gcfg.rank_discount_safety))
 
 
 def check_config(g):
@@ -91,7 +92,7 @@ def batch_geometry(g, dp):
   possible up to A, each with a whole number of prompts per device (rollout
   memory scales with a call's rows; gdpo.rollout_chunks > 0 forces a count).
   """
-  group, accum, unit = int(g.group_size), int(g.grad_accum), str(g.get("batch_unit", "prompts"))
+  group, accum, unit = int(g.group_size), int(g.grad_accum), str(g.batch_unit)
   if unit not in BATCH_UNITS:
     raise ValueError(f"gdpo.batch_unit must be one of {BATCH_UNITS}, got {unit!r}")
   micro_rows = int(g.batch_size) * dp * (group if unit == "prompts" else 1)
@@ -100,7 +101,7 @@ def batch_geometry(g, dp):
                      f"{int(g.batch_size)} x {dp} devices x grad_accum {accum}) are not whole "
                      f"groups of group_size={group}")
   step_prompts = micro_rows * accum // group
-  chunks = int(g.get("rollout_chunks", 0))
+  chunks = int(g.rollout_chunks)
   if chunks <= 0:
     chunks = max(c for c in range(1, accum + 1)
                  if step_prompts % c == 0 and (step_prompts // c) % dp == 0) \
@@ -139,6 +140,7 @@ class Run:
   """Everything `train` builds before looping (tests and benchmarks use the pieces)."""
 
   def __init__(self, config, workdir):
+    config = config_lib.resolve(config)      # a ConfigDict: checked and typed here
     self.config, self.workdir = config, storage.resolve(workdir)
     self.summary = {"history": []}   # train() replaces it with the full summary
     self.notify = print               # train() routes notices through the progress bar
@@ -149,7 +151,7 @@ class Run:
     self.mesh, self.rules = shd.mesh_from_config(config)
     self.data_dir = assets.resolve_data_dir(config)
     self.rows = saferec.load_split(self.data_dir, "train", stage="grpo",
-                                   strict=config.data.get("strict", True))
+                                   strict=config.data.strict)
     self.oracle = saferec.load_oracle(self.data_dir, float(config.data.risk_threshold))
     self.mix = rel_training.from_config(self.rows, self.oracle, config.data)   # None when off
     self.rows = self.mix.rows if self.mix else self.rows
@@ -207,7 +209,7 @@ class Run:
                    out_shardings=self.state_shardings)
     self.state, data = loop.restore_or_init(
         self.ckpt, self.abstract_state, self.fingerprint, lambda: copy(params),
-        overwrite=bool(self.config.checkpoint.get("overwrite", False)))
+        overwrite=bool(self.config.checkpoint.overwrite))
     self.start_step = 0 if data is None else int(data["step"])
     if int(jax.device_get(self.state.step)) != self.start_step * self.mu:
       raise checkpoint.CheckpointError(
@@ -224,7 +226,7 @@ class Run:
                                               sh3 if beta else None)
     p_sh = models.param_shardings(self.model_cfg, self.mesh, self.rules)
     kw = dict(model_cfg=self.model_cfg, temperature=self.temperature, mesh=self.mesh,
-              rules=self.rules, logits_chunk=int(self.config.model.get("logits_chunk", 0)))
+              rules=self.rules, logits_chunk=int(self.config.model.logits_chunk))
     self.train_step = jax.jit(
         functools.partial(steps.gdpo_train_step, loss_cfg=self.loss_cfg, tx=self.tx,
                           schedule=self.schedule, **kw),
@@ -408,6 +410,7 @@ def train(config, workdir):
   diagnostics, timings on logged steps, and train/* for logged steps),
   preempted, run. Holds <workdir>/.lock while running.
   """
+  config = config_lib.resolve(config)
   with run_lock.hold(workdir):
     return _train(config, workdir)
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from safecrs_jax import config as config_lib
 from safecrs_jax import models, saferec
 from safecrs_jax.data import assets, tokens
 from safecrs_jax.infra import chips, flops, provenance, run_lock, storage
@@ -50,13 +51,13 @@ def prepare_rows(rows, config, oracle=None, *, curate=None):
   rows (index in the split, the user's request, its constraints). curate=None
   reads sft.curate.
   """
-  reasoning = bool(config.sft.get("reasoning", True))
-  if config.sft.get("curate", True) if curate is None else curate:
+  reasoning = bool(config.sft.reasoning)
+  if config.sft.curate if curate is None else curate:
     if oracle is None:
       raise ValueError("sft.curate needs the safety oracle")
     loaded = rows
     rows, report = saferec.curate_sft_rows(rows, oracle, reasoning=reasoning,
-                                           backfill=bool(config.sft.get("backfill", False)))
+                                           backfill=bool(config.sft.backfill))
     report = dict(report, dropped=[_dropped_row(i, loaded[i])
                                    for i in report.pop("dropped_indices")])
     return rows, report
@@ -84,8 +85,8 @@ def curation_lines(report, split, limit=5):
 def load_sft_rows(config, data_dir, split, oracle=None):
   """Loaded and curated rows of `split`: (rows, curation report)."""
   rows = saferec.load_split(data_dir, split, stage="sft",
-                            strict=config.data.get("strict", True))
-  if config.sft.get("curate", True) and oracle is None:
+                            strict=config.data.strict)
+  if config.sft.curate and oracle is None:
     oracle = saferec.load_oracle(data_dir, risk_threshold=config.data.risk_threshold)
   rows, report = prepare_rows(rows, config, oracle)
   if not rows:
@@ -95,7 +96,7 @@ def load_sft_rows(config, data_dir, split, oracle=None):
 
 def encode_rows(config, tokenizer, rows):
   return tokens.encode_sft(tokenizer, rows, int(config.tokenizer.max_length),
-                           truncation=str(config.tokenizer.get("truncation", "right")))
+                           truncation=str(config.tokenizer.truncation))
 
 
 def load_sft_examples(config, tokenizer, data_dir, split, oracle=None):
@@ -198,6 +199,7 @@ class Run:
   """Everything `train` builds before looping; tests and benchmarks use the pieces."""
 
   def __init__(self, config, workdir):
+    config = config_lib.resolve(config)      # a ConfigDict: checked and typed here
     self.config, self.workdir = config, storage.resolve(workdir)
     self.lora_on = lora_lib.check_config(config.sft.lora)
     self.mesh, self.rules = shd.mesh_from_config(config)
@@ -220,8 +222,8 @@ class Run:
   def _load_data(self):
     config = self.config
     oracle = None
-    mixing = float(config.data.get("relational_mix", 0.0)) > 0
-    if config.sft.get("curate", True) or mixing:
+    mixing = float(config.data.relational_mix) > 0
+    if config.sft.curate or mixing:
       oracle = saferec.load_oracle(self.data_dir, risk_threshold=config.data.risk_threshold)
     self.curation = {}
     train_rows, self.curation["train"] = load_sft_rows(config, self.data_dir, "train", oracle)
@@ -280,7 +282,7 @@ class Run:
     self.state, self.data_state = loop.restore_or_init(
         self.ckpt, self.abstract_state, self.fingerprint,
         functools.partial(self._init_state, rank, targets),
-        overwrite=bool(config.checkpoint.get("overwrite", False)))
+        overwrite=bool(config.checkpoint.overwrite))
     if self.data_state is not None:
       self._check_position()
 
@@ -296,9 +298,9 @@ class Run:
 
   def _jit_steps(self):
     kw = dict(model_cfg=self.model_cfg, lora_scale=self.lora_scale, mesh=self.mesh,
-              rules=self.rules, logits_chunk=int(self.config.model.get("logits_chunk", 0)))
+              rules=self.rules, logits_chunk=int(self.config.model.logits_chunk))
     repl = shd.replicated(self.mesh)
-    dropout = float(self.config.sft.lora.get("dropout", 0.0)) if self.lora_on else 0.0
+    dropout = float(self.config.sft.lora.dropout) if self.lora_on else 0.0
     self.train_step = jax.jit(
         functools.partial(steps.sft_train_step, tx=self.tx, schedule=self.schedule,
                           lora_dropout=dropout, **kw),
@@ -385,6 +387,7 @@ def train(config, workdir, *, stop_at=None, step_hook=None):
   curation reports ({split: report}, also in <workdir>/curation.json), and
   `run` (the Run, holding the final state).
   """
+  config = config_lib.resolve(config)
   with run_lock.hold(workdir):
     return _train(config, workdir, stop_at, step_hook)
 
