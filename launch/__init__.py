@@ -37,8 +37,9 @@ def clear_errors():
 
 
 def typed_config(config_dict, **changes):
-  """The --config ConfigDict (or a Config) as the typed, checked config (an unknown or mistyped field:
-  one line `error: ...`, exit status 1); `changes`: {dotted field: value} set on it."""
+  """The --config ConfigDict (or a Config) as the typed, checked config; `changes`:
+  {dotted field: value} set on it. An unknown or mistyped field: one line `error: ...`,
+  exit status 1."""
   with clear_errors():
     config = config_lib.resolve(config_dict)
     for key, value in changes.items():

@@ -13,7 +13,8 @@ from safecrs_jax import config as config_lib
 from safecrs_jax import demo as demo_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_FILES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
+CONFIG_FILES = sorted(os.path.basename(p)[:-3]
+                      for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
                       if not p.endswith(("__init__.py", "common.py")))
 # Per-file args beyond stage= (a file that does not know one raises "unknown config arg").
 EXTRA_ARGS = ("", "lora=1", "size=test", "relational=twins", "relational=on",
@@ -138,7 +139,7 @@ def test_demo_configs_are_typed_and_take_set_overrides():
     demo_run.get_configs("test", {"sft.num_stepz": "30"})
 
 
-# A config field read with a fallback: `<config or section>.get(` or getattr(<config>, name, default).
+# A config field read with a fallback: `<config or section>.get(`, getattr(<config>, name, default).
 _SECTIONS = r"(?:model|mesh|data|tokenizer|optim|checkpoint|log|sft|lora|gdpo|eval)"
 _FALLBACK = re.compile(
     r"\b(?:config|cfg|\w+_cfg|gcfg|ck|ev)\.get\(|\." + _SECTIONS + r"\.get\(|"

@@ -55,7 +55,8 @@ def check(value, kind, path):
     if len(args) != len(value):
       raise ConfigError(f"config field {path} must have {len(args)} entries "
                         f"({_name(kind)}), got {value!r}")
-    return tuple(check(v, a, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+    pairs = enumerate(zip(args, value, strict=True))
+    return tuple(check(v, a, f"{path}[{i}]") for i, (a, v) in pairs)
   if kind is float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       _fail(path, kind, value)
