@@ -6,9 +6,10 @@ checks every field's name and type. Library code reads attributes
 (config.sft.batch_size) and never falls back on a default of its own; a changed
 copy is `override(config, "eval.split", "test")` or `section.replace(...)`.
 
-Sections: sections.py (model, mesh, data, tokenizer, checkpoint, log, eval),
-stages.py (optim, sft + sft.lora, gdpo); tree.py (Config, from_dict, override);
-fields.py (the typed-section machinery).
+Sections: sections.py (model, mesh, data, tokenizer, checkpoint, log, eval; the
+default logical -> mesh axis rules), stages.py (optim, sft + sft.lora, gdpo);
+tree.py (Config, from_dict, override); fields.py (the typed-section machinery).
+The lowest layer: imports nothing else from safecrs_jax.
 """
 from safecrs_jax.config.fields import ConfigError, Section
 from safecrs_jax.config.sections import Checkpoint, Data, Eval, Log, Mesh, Model, Tokenizer

@@ -6,10 +6,40 @@ import dataclasses
 from typing import Any
 
 from safecrs_jax.config.fields import Section
-from safecrs_jax.infra import sharding
 
 # The mesh rules' values: one mesh axis, several, or None (replicated).
 MeshAxes = str | tuple[str, ...] | None
+
+BATCH_AXES = ("data", "fsdp")   # mesh axes a batch is split over (infra/sharding.py)
+
+# Logical parameter/activation axis -> mesh axis, the default of mesh.rules (the
+# logical names are the models'; infra/sharding.py matches them to a mesh):
+# (logical name, mesh axis | tuple of mesh axes | None). A name may appear several
+# times: the first entry whose mesh axes are still free (and divide the dimension)
+# wins, else the dimension is replicated.
+DEFAULT_RULES = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),       # fused heads*head_dim dim of q / o projections
+    ("kv_heads", "tensor"),    # fused kv_heads*head_dim dim of k / v projections
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    # activations
+    ("act_batch", BATCH_AXES),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    # KV cache [L, B, S, K, H]
+    ("cache_batch", BATCH_AXES),
+    ("cache_length", None),
+    ("cache_kv_heads", "tensor"),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +65,9 @@ class Mesh(Section):
   # -1 = the rest. Pure FSDP over every device suits 0.5B-8B on a pod slice or a GPU
   # host; for more chips than the batch allows, move devices to "data" (or "tensor").
   shape: tuple[tuple[str, int], ...] = (("data", 1), ("fsdp", -1), ("tensor", 1))
-  # Logical parameter/activation axis -> mesh axis: the library's table (see
-  # safecrs_jax/infra/sharding.py for the logical names and how rules are matched),
-  # so a pod run changes the layout by overriding this field, without touching code.
-  rules: tuple[tuple[str, MeshAxes], ...] = sharding.DEFAULT_RULES
+  # Logical axis -> mesh axis (DEFAULT_RULES above): a pod run changes the layout by
+  # overriding this field, without touching code.
+  rules: tuple[tuple[str, MeshAxes], ...] = DEFAULT_RULES
   num_devices: int = -1          # use only the first N devices (-1 = all; single process)
 
 
