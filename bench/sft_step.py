@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench._common import cpu_peak_gflops, llama_25m_config, time_fn, train_flops_per_token  # noqa: E402
-from configs import common  # noqa: E402
+from safecrs_jax import config as config_lib  # noqa: E402
 from safecrs_jax import models  # noqa: E402
 from safecrs_jax.rl import steps
 from safecrs_jax.train import optim
@@ -50,9 +50,7 @@ def make_batch(vocab, batch, length, seed=0):
 
 
 def optim_cfg():
-  c = common.build(stage="sft").optim
-  c.lr, c.warmup_ratio, c.weight_decay = 5e-5, 0.0, 0.0
-  return c
+  return config_lib.Optim(lr=5e-5, warmup_ratio=0.0, weight_decay=0.0)   # else Safe-SFT's
 
 
 def ours(hf, batch, length, iters, repeats):

@@ -39,7 +39,6 @@ def get_config(arg=None):
                    data_dir=a.data_dir)
   c.model.scan_layers = False        # unrolled layers compile to faster CPU code
   c.model.overrides = SIZES[a.size]
-  c.mesh.shape = (("data", 1), ("fsdp", -1), ("tensor", 1))
   c.mesh.num_devices = 1             # one CPU device; set -1 to shard over all
 
   # Without the <reasoning> block SafeRec-mini sequences are ~90-200 tokens.
@@ -81,10 +80,8 @@ def get_config(arg=None):
   # rollout SVR steadily with KL < 0.01; 1e-4 shrank the lists (fewer items,
   # fewer violations) and drove KL to ~0.9 within 15 steps.
   c.optim.lr = 2e-3 if a.stage == "sft" else 3e-5
-  c.optim.warmup_ratio = 0.05 if a.stage == "sft" else 0.0
 
   c.checkpoint.save_every = 100 if a.stage == "sft" else 20
-  c.checkpoint.keep = 3
   c.log.every = 10 if a.stage == "sft" else 5
 
   # 80 steps (~3 minutes on 2 CPU cores). At 40 the SVR cut rode on the float
@@ -107,7 +104,6 @@ def get_config(arg=None):
     c.gdpo.lambda_count = 1.0          # count reward on, target_count 10
   c.gdpo.max_completion_length = 96  # lists are ~40 tokens
 
-  c.eval.batch_size = 16
   c.eval.max_new_tokens = 128
   c.eval.max_prompt_length = 384 if rel else 128
   c.eval.prompt_buckets = (64, 128, 384) if rel else (64, 128)

@@ -11,13 +11,14 @@ import sys
 
 from absl import flags, logging
 
+from safecrs_jax import config as config_lib
 from safecrs_jax.infra import provenance, run_lock
 from safecrs_jax.saferec import data as saferec_data
 from safecrs_jax.train import checkpoint
 
 PREEMPTED = 143
 CLEAR_ERRORS = (checkpoint.CheckpointError, provenance.ProvenanceError, run_lock.LockError,
-                saferec_data.SafeRecDataError)
+                saferec_data.SafeRecDataError, config_lib.ConfigError)
 
 
 def quiet_logs():
@@ -33,3 +34,14 @@ def clear_errors():
     yield
   except CLEAR_ERRORS as e:
     sys.exit(f"error: {e}")
+
+
+def typed_config(config_dict, **changes):
+  """The --config ConfigDict (or a Config) as the typed, checked config; `changes`:
+  {dotted field: value} set on it. An unknown or mistyped field: one line `error: ...`,
+  exit status 1."""
+  with clear_errors():
+    config = config_lib.resolve(config_dict)
+    for key, value in changes.items():
+      config = config_lib.override(config, key, value)
+  return config

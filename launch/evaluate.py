@@ -71,21 +71,22 @@ def main(argv):
     raise app.UsageError("--steps applies to --checkpoint only (--runs takes each latest step)")
   launch.quiet_logs()
   sharding.maybe_initialize_distributed()
+  config = launch.typed_config(_CONFIG.value)
   if _SUITE.value == "relational":
-    return _relational()
+    return _relational(config)
   with launch.clear_errors():
     if _RUNS.value:
-      named = evaluation.compare(_CONFIG.value, _named_runs(_RUNS.value), split=_SPLIT.value,
+      named = evaluation.compare(config, _named_runs(_RUNS.value), split=_SPLIT.value,
                                  workdir=_WORKDIR.value)
     else:
-      reports = evaluation.evaluate(_CONFIG.value, _CHECKPOINT.value, split=_SPLIT.value,
+      reports = evaluation.evaluate(config, _CHECKPOINT.value, split=_SPLIT.value,
                                     workdir=_WORKDIR.value, steps=_STEPS.value)
       named = {r["checkpoint"]["name"]: r for r in reports}
   if sharding.is_main_process():
     print(evaluation.comparison_table(named))
 
 
-def _relational():
+def _relational(config):
   try:  # a missing or damaged checkpoint: one line, before any work
     if _RUNS.value:
       targets = {n: evaluation.resolve_targets(p)[-1] for n, p in _named_runs(_RUNS.value).items()}
@@ -94,7 +95,7 @@ def _relational():
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
   with launch.clear_errors():
-    reports = evaluation.evaluate_relational(_CONFIG.value, targets, _WORKDIR.value,
+    reports = evaluation.evaluate_relational(config, targets, _WORKDIR.value,
                                              split=_SPLIT.value)
   if sharding.is_main_process():
     print(evaluation.headline_table(reports, evaluation.RELATIONAL_HEADLINE))

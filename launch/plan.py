@@ -27,6 +27,7 @@ import json  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+import launch  # noqa: E402
 from safecrs_jax import plan  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:args]",
@@ -41,7 +42,7 @@ flags.mark_flags_as_required(["config", "topology"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
+  config = launch.typed_config(_CONFIG.value)
   devices = plan.topology_devices(_TOPOLOGY.value)
   rows = plan.plan_config(config, devices, only=_ONLY.value,
                           hbm_bytes=int(_HBM.value * (1 << 30)) if _HBM.value else None)

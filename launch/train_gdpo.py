@@ -33,13 +33,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
-  if config.get("stage", "gdpo") != "gdpo":
+  config = launch.typed_config(_CONFIG.value)
+  if config.stage != "gdpo":
     raise app.UsageError(f"config stage is {config.stage!r}; pass …:stage=gdpo")
   launch.quiet_logs()
   sharding.maybe_initialize_distributed()
   plan.preflight(config)  # compile-only memory check; stops here if it cannot fit
-  config.checkpoint.overwrite = config.checkpoint.overwrite or _OVERWRITE.value
+  if _OVERWRITE.value:
+    config = launch.typed_config(config, **{"checkpoint.overwrite": True})
   with launch.clear_errors():
     summary = gdpo.train(config, _WORKDIR.value)
   if sharding.is_main_process():

@@ -31,11 +31,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   launch.quiet_logs()
   sharding.maybe_initialize_distributed()
-  config = _CONFIG.value
+  config = launch.typed_config(_CONFIG.value)
   if config.stage != "sft":
     raise app.UsageError(f"--config has stage={config.stage!r}; train_sft needs stage=sft")
   plan.preflight(config)  # compile-only memory check; stops here if it cannot fit
-  config.checkpoint.overwrite = config.checkpoint.overwrite or _OVERWRITE.value
+  if _OVERWRITE.value:
+    config = launch.typed_config(config, **{"checkpoint.overwrite": True})
   with launch.clear_errors():
     summary = sft.train(config, _WORKDIR.value)
   if sharding.is_main_process():

@@ -35,7 +35,6 @@ them again (the later stages then see a changed Safe-SFT checkpoint and are
 retrained too). Evaluations are regenerated whenever their checkpoint or
 settings changed, and the base export is rebuilt when its recipe changed.
 """
-import ast
 import json
 import os
 import shutil
@@ -44,6 +43,7 @@ import time
 import jax
 
 from configs import demo as demo_config
+from safecrs_jax import config as config_lib
 from safecrs_jax import evaluation, models
 from safecrs_jax.data import assets, tokens
 from safecrs_jax.infra import provenance
@@ -72,39 +72,23 @@ ROWS = ("base", "sft", "gdpo", "grpo")
 
 def get_configs(size="tiny", overrides=None, relational="off"):
   """(sft_config, gdpo_config, grpo_config) of configs/demo.py for `size` and the
-  training recipe `relational` (configs.demo.RECIPES: off, twins, on)."""
+  training recipe `relational` (configs.demo.RECIPES: off, twins, on), as typed configs.
+
+  overrides: {dotted field: value} for every stage; a string value is parsed after the
+  field's type (as --set gives it).
+  """
   if relational not in demo_config.RECIPES:
     raise ValueError(f"relational={relational!r}; expected one of {demo_config.RECIPES}")
   out = []
   for stage, mode in (("sft", None), ("gdpo", "gdpo"), ("gdpo", "grpo")):
-    c = demo_config.get_config(f"stage={stage},size={size},relational={relational}")
+    c = config_lib.from_dict(
+        demo_config.get_config(f"stage={stage},size={size},relational={relational}"))
     if mode:
-      c.gdpo.advantage_mode = mode
+      c = config_lib.override(c, "gdpo.advantage_mode", mode)
     for key, value in (overrides or {}).items():
-      _set(c, key, value)
+      c = config_lib.override(c, key, value)
     out.append(c)
   return tuple(out)
-
-
-def _set(config, dotted, value):
-  """config.<dotted> = value, parsing strings (from flags) after the field's type."""
-  node = config
-  *path, last = dotted.split(".")
-  for p in path:
-    if p not in node:
-      raise KeyError(f"unknown config field {dotted!r}")
-    node = node[p]
-  if last not in node:
-    raise KeyError(f"unknown config field {dotted!r}")
-  old = node[last]
-  if isinstance(value, str) and not isinstance(old, str):
-    if isinstance(old, bool):
-      value = value.lower() in ("1", "true", "yes")
-    elif isinstance(old, (tuple, list)):
-      value = ast.literal_eval(value)
-    else:
-      value = type(old)(value)
-  node[last] = value
 
 
 def _log(msg):
@@ -245,7 +229,7 @@ def run(workdir, *, size="tiny", overrides=None, progress=True, eval_rows=-1, ov
   timings["sft_s"] = time.time() - t
   for name, cfg in (("gdpo", gdpo_cfg), ("grpo", grpo_cfg)):
     t = time.time()
-    cfg.gdpo.init_checkpoint = paths["sft"]
+    cfg = config_lib.override(cfg, "gdpo.init_checkpoint", paths["sft"])
     _log(f"Safe-GDPO, advantage_mode={cfg.gdpo.advantage_mode} ...")
     if gdpo.train(cfg, paths[name])["preempted"]:
       return {"preempted": True, "workdir": workdir}

@@ -12,6 +12,7 @@ from jax.sharding import AbstractMesh, AxisType
 from ml_collections import config_flags
 
 from configs import common, demo
+from safecrs_jax import config as config_lib
 from safecrs_jax import models
 from safecrs_jax.infra import sharding
 from safecrs_jax.models import lora
@@ -33,6 +34,8 @@ def test_every_config_loads(name, stage):
   mod = importlib.import_module(f"configs.{name}")
   c = mod.get_config(f"stage={stage}")
   assert c.stage == stage
+  typed = config_lib.from_dict(c)                       # every field known and well typed
+  assert typed.to_dict() == c.to_dict()
   assert c.model.preset in models.PRESETS
   cfg = policy.model_config(c)                          # builds a valid ModelConfig
   assert cfg.dtype == c.model.dtype
@@ -137,7 +140,8 @@ def test_fused_projections_off_on_a_tensor_parallel_mesh():
 
 def test_demo_recipes():
   from safecrs_jax import demo as demo_run
-  plain = demo_run.get_configs("test")                  # the default: off
+  plain = demo_run.get_configs("test")                  # the default: off; typed configs
+  assert all(isinstance(c, config_lib.Config) for c in plain)
   twins = demo_run.get_configs("test", relational="twins")
   rel = demo_run.get_configs("test", relational="on")
   for c in plain:

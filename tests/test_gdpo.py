@@ -259,16 +259,15 @@ def test_item_index_and_token_advantages():
 # ----------------------------------------------------------------------------- the step
 
 def _step_inputs(m=2, n=8, p=4, t=5):
-  import ml_collections
-
+  from safecrs_jax import config as config_lib
   from safecrs_jax import models
   from safecrs_jax.train import optim
   from safecrs_jax.train import state as ts
   cfg = models.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                            num_heads=4, num_kv_heads=2, head_dim=8, scan_layers=False)
   params = models.init_params(cfg, jax.random.key(0))
-  ocfg = ml_collections.ConfigDict(dict(lr=1e-2, schedule="constant", warmup_ratio=0.0, b1=0.9,
-                                        b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip=1.0))
+  ocfg = config_lib.Optim(lr=1e-2, schedule="constant", warmup_ratio=0.0, b1=0.9, b2=0.99,
+                          eps=1e-8, weight_decay=0.0, grad_clip=1.0)
   tx, sched = optim.make_optimizer(ocfg, 10)
   rng = np.random.default_rng(0)
   pm = np.ones((m, n, p), np.int32)

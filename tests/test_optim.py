@@ -1,19 +1,17 @@
 """optim.py: schedules (HF Trainer semantics), decay mask, clipping; lora.py basics."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from configs import common
+from safecrs_jax import config as config_lib
 from safecrs_jax.models import lora
 from safecrs_jax.train import optim
 
 
 def _cfg(**kw):
-  c = common.build(stage="sft").optim
-  c.update(kw)
-  return c
+  return config_lib.Optim(**kw)              # the schema's (Safe-SFT) optimiser + kw
 
 
 def test_cosine_with_warmup_matches_hf_formula():
@@ -81,9 +79,8 @@ def test_lora_merge_and_axes():
   np.testing.assert_array_equal(merged["layers"]["attn"]["o_proj"]["kernel"], 1.0)
   with pytest.raises(ValueError, match="match no kernel"):
     lora.init(params, 4, ("nope",), jax.random.key(0))
-  assert lora.check_config(ml_collections.ConfigDict(   # adapter dropout is supported
-      {"rank": 4, "alpha": 8.0, "dropout": 0.1, "targets": ("q_proj",)}))
+  assert lora.check_config(config_lib.Lora(   # adapter dropout is supported
+      rank=4, alpha=8.0, dropout=0.1, targets=("q_proj",)))
   with pytest.raises(ValueError, match="dropout"):
-    lora.check_config(ml_collections.ConfigDict(
-        {"rank": 4, "alpha": 8.0, "dropout": 1.0, "targets": ("q_proj",)}))
+    lora.check_config(config_lib.Lora(rank=4, alpha=8.0, dropout=1.0, targets=("q_proj",)))
   assert not lora.check_config(common.build(stage="sft").sft.lora)

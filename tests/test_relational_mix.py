@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from configs import demo as demo_config
+from safecrs_jax import config as config_lib
 from safecrs_jax import saferec
 from safecrs_jax.saferec import mini
 from safecrs_jax.saferec.relational import training as T
@@ -94,10 +95,10 @@ def test_ratio_zero_is_todays_order(mix, oracle):
     np.testing.assert_array_equal(
         T.mixed_order(mix.n_plain, mix.suite_rows, 0.0, 7, epoch, 4),
         loop.epoch_permutation(7, epoch, mix.n_plain))
-  cfg = {"relational_mix": 0.0, "relational_seed": 4}
+  cfg = config_lib.Data(relational_mix=0.0, relational_seed=4)
   assert T.from_config(mix.rows[:mix.n_plain], oracle, cfg) is None
   with pytest.raises(ValueError, match="relational_mix=1.0"):
-    T.from_config(mix.rows[:mix.n_plain], oracle, {"relational_mix": 1.0})
+    T.from_config(mix.rows[:mix.n_plain], oracle, config_lib.Data(relational_mix=1.0))
 
 
 def test_settings_follow_the_mix(mix, oracle):
@@ -149,17 +150,17 @@ def test_gdpo_trains_on_the_mix(mini_dir, tmp_path):
 
 def test_parts_and_controls_come_from_the_config(mix, oracle):
   plain = mix.rows[:mix.n_plain]
-  cfg = {"relational_mix": 0.25, "relational_seed": 3,
-         "relational_parts": ("disclosure", "turns"), "relational_controls": ("none",)}
+  cfg = config_lib.Data(relational_mix=0.25, relational_seed=3,
+                        relational_parts=("disclosure", "turns"), relational_controls=("none",))
   some = T.from_config(plain, oracle, cfg)
   assert {r["suite"] for r in some.suite_rows} == {"disclosure", "turns"}
   assert {r["variant"] for r in some.suite_rows} == {"constrained"}
   assert some.settings["parts"] == ["disclosure", "turns"] and some.settings["controls"] == []
   assert some.settings["fingerprint"] != mix.settings["fingerprint"]
-  revoke = T.from_config(plain, oracle, dict(cfg, relational_controls=("revoke",)))
+  revoke = T.from_config(plain, oracle, cfg.replace(relational_controls=("revoke",)))
   assert {r["variant"] for r in revoke.suite_rows} == {"constrained", "revoke"}
   with pytest.raises(ValueError, match="relational_parts"):
-    T.from_config(plain, oracle, dict(cfg, relational_parts=("disclosure", "typo")))
+    T.from_config(plain, oracle, cfg.replace(relational_parts=("disclosure", "typo")))
 
 
 def _sft_config(mini_dir, cache, **over):

@@ -34,7 +34,7 @@ DEFAULT_LOCAL_VOCAB = 2048
 
 def cache_root(config=None):
   """The cache folder for built assets."""
-  explicit = config.data.get("cache_dir", "") if config is not None else ""
+  explicit = config.data.cache_dir if config is not None else ""
   root = explicit or os.environ.get("SAFECRS_CACHE") or os.path.join(
       os.path.expanduser("~"), ".cache", "safecrs_jax")
   os.makedirs(root, exist_ok=True)
@@ -85,7 +85,7 @@ def resolve_data_dir(config):
   """config.data.dir with the "mini" sentinel resolved to a built directory."""
   d = config.data.dir
   if d == MINI:
-    return mini_dir(config.data.get("mini_seed", 0), cache_root(config))
+    return mini_dir(config.data.mini_seed, cache_root(config))
   if not d or not storage.isdir(d):
     raise FileNotFoundError(f"data.dir {d!r} does not exist (use 'mini' for SafeRec-mini)")
   return storage.resolve(d)
@@ -116,10 +116,10 @@ def resolve_tokenizer_path(config, data_dir=None):
   path = config.tokenizer.path
   if path == LOCAL_TOKENIZER:
     data_dir = data_dir or resolve_data_dir(config)
-    strict = config.data.get("strict", True)
+    strict = config.data.strict
     return local_tokenizer_dir(
         lambda: saferec.load_split(data_dir, "train", stage="sft", strict=strict),
-        config.tokenizer.get("local_vocab_size", DEFAULT_LOCAL_VOCAB), cache_root(config),
+        config.tokenizer.local_vocab_size, cache_root(config),
         what=f"train split of {data_dir}")
   if not path:
     path = config.model.hf_dir

@@ -28,7 +28,6 @@ eval.max_prompt_length, so no statement is cut away; the buckets are
 plus one every 128 tokens up to it. Prompts still cut from the left are
 counted in report.json and printed.
 """
-import copy
 import hashlib
 import json
 import os
@@ -36,6 +35,7 @@ import time
 
 import jax
 
+from safecrs_jax import config as config_lib
 from safecrs_jax import saferec
 from safecrs_jax.data import assets, tokens
 from safecrs_jax.evaluation import generate as gen
@@ -71,7 +71,7 @@ def _source(config):
   """(source rows, oracle, data dir, split) of the suite."""
   data_dir = assets.resolve_data_dir(config)
   split = config.eval.split
-  rows = saferec.load_split(data_dir, split, stage="sft", strict=config.data.get("strict", True))
+  rows = saferec.load_split(data_dir, split, stage="sft", strict=config.data.strict)
   cap, pairs = _caps(config)
   rows = rows if min(cap, pairs) < 0 else rows[:max(cap, pairs)]
   if not rows:
@@ -84,8 +84,8 @@ def _source(config):
 def _caps(config):
   """(eval.relational_max_sources, eval.relational_pair_sources): -1 = all rows;
   the pair cap -1 = the same as the first."""
-  cap = int(config.eval.get("relational_max_sources", -1))
-  pairs = int(config.eval.get("relational_pair_sources", -1))
+  cap = int(config.eval.relational_max_sources)
+  pairs = int(config.eval.relational_pair_sources)
   return cap, cap if pairs < 0 else pairs
 
 
@@ -105,9 +105,9 @@ def suite_inputs(config, rows):
   """What the suite built from `rows` under `config` depends on (compared on reuse)."""
   ev = config.eval
   return {"source_fingerprint": rel.fingerprint(rows), "source_rows": len(rows),
-          "split": ev.split, "max_sources": int(ev.get("relational_max_sources", -1)),
+          "split": ev.split, "max_sources": int(ev.relational_max_sources),
           "pair_sources": part_sources(config, len(rows)),
-          "seed": int(ev.get("relational_seed", 0)), "parts": list(rel.PARTS),
+          "seed": int(ev.relational_seed), "parts": list(rel.PARTS),
           "risk_threshold": float(config.data.risk_threshold), "code": _code_hash(),
           "software": provenance.software_version()}
 
@@ -159,10 +159,10 @@ def build_suite(config, suite_dir):
 def prompt_settings(config, lengths):
   """(max_prompt_length, buckets) for suite prompts of these token lengths (module docstring)."""
   ev = config.eval
-  limit = int(ev.get("relational_max_prompt_length", -1))
+  limit = int(ev.relational_max_prompt_length)
   if limit <= 0:
     limit = max(int(ev.max_prompt_length), -(-max(lengths) // 64) * 64)
-  buckets = tuple(int(b) for b in ev.get("relational_prompt_buckets", ()))
+  buckets = tuple(int(b) for b in ev.relational_prompt_buckets)
   if not buckets:
     below = [int(b) for b in ev.prompt_buckets if int(b) < limit]
     top = max(below, default=0)
@@ -174,10 +174,7 @@ def _suite_config(config, tokenizer, prompts):
   """A copy of config with the suite's prompt settings; the prompts' token lengths."""
   lengths = [len(tokens.prompt_ids(tokenizer, p)) for p in prompts]
   limit, buckets = prompt_settings(config, lengths)
-  cfg = copy.deepcopy(config)
-  with cfg.unlocked():
-    cfg.eval.max_prompt_length = limit
-    cfg.eval.prompt_buckets = buckets
+  cfg = config.replace(eval=config.eval.replace(max_prompt_length=limit, prompt_buckets=buckets))
   return cfg, lengths
 
 
@@ -247,12 +244,11 @@ def evaluate_relational(config, targets, workdir, *, split=None, mesh=None, rule
   bad = [n for n in targets if not n or os.sep in n or n in (SUITE_DIR, "..", ".")]
   if bad:
     raise ValueError(f"evaluate_relational: model names {bad} cannot be folder names")
+  config = config_lib.resolve(config)
   with run_lock.hold(workdir):
     if mesh is None:
       mesh, rules = shd.mesh_from_config(config)
-    config = copy.deepcopy(config)
-    with config.unlocked():
-      config.eval.split = split or config.eval.split
+    config = config_lib.override(config, "eval.split", split or config.eval.split)
     resolved = {n: _target(n, p) for n, p in targets.items()}  # errors before any work
     suite, _, oracle = build_suite(config, os.path.join(workdir, SUITE_DIR))
     reports = {}

@@ -31,6 +31,7 @@ import time
 import jax
 import numpy as np
 
+from safecrs_jax import config as config_lib
 from safecrs_jax import saferec
 from safecrs_jax.data import assets, tokens
 from safecrs_jax.evaluation import generate as gen
@@ -159,7 +160,7 @@ def evaluate_target(config, target, rows, oracle, catalog, out_dir, *, mesh=None
       "metrics": metrics,
       "generation": stats,
       "sampling": dataclasses.asdict(sampling),
-      "config": json.loads(config.to_json_best_effort()),
+      "config": json.loads(config.to_json()),
   }
   _write_outputs(out_dir, recs, row_to_prompt, done, report)
   return report
@@ -169,11 +170,11 @@ def load_eval_data(config, split=None):
   """(rows, oracle, catalog) of the configured data for `split`."""
   data_dir = assets.resolve_data_dir(config)
   split = split or config.eval.split
-  rows = saferec.load_split(data_dir, split, stage="sft", strict=config.data.get("strict", True))
+  rows = saferec.load_split(data_dir, split, stage="sft", strict=config.data.strict)
   if not rows:
     raise saferec.SafeRecDataError(f"split {split!r} of {data_dir} has no rows: nothing to "
                                    "evaluate")
-  if int(config.eval.get("max_rows", -1)) > 0:
+  if int(config.eval.max_rows) > 0:
     rows = rows[:int(config.eval.max_rows)]
   oracle = saferec.load_oracle(data_dir, risk_threshold=float(config.data.risk_threshold))
   try:
@@ -186,22 +187,23 @@ def load_eval_data(config, split=None):
 def evaluate(config, checkpoint_path, *, split=None, workdir, steps=None, mesh=None, rules=None,
              progress=True):
   """Evaluates every checkpoint named by `checkpoint_path`; returns their reports."""
+  config = config_lib.resolve(config)
   with run_lock.hold(workdir):
     return _evaluate(config, checkpoint_path, split, workdir, steps, mesh, rules, progress)
 
 
 def _setup(config, split, mesh, rules):
-  """(mesh, rules, split, rows, oracle, catalog) of an evaluation call; sets config.eval.split."""
+  """(config with eval.split = split, mesh, rules, split, rows, oracle, catalog) of an
+  evaluation call."""
   if mesh is None:
     mesh, rules = shd.mesh_from_config(config)
   split = split or config.eval.split
-  with config.unlocked():
-    config.eval.split = split
-  return (mesh, rules, split) + tuple(load_eval_data(config, split))
+  config = config_lib.override(config, "eval.split", split)
+  return (config, mesh, rules, split) + tuple(load_eval_data(config, split))
 
 
 def _evaluate(config, checkpoint_path, split, workdir, steps, mesh, rules, progress):
-  mesh, rules, split, rows, oracle, catalog = _setup(config, split, mesh, rules)
+  config, mesh, rules, split, rows, oracle, catalog = _setup(config, split, mesh, rules)
   targets = resolve_targets(checkpoint_path, steps)
   base = os.path.join(workdir, split)
   reports = []
@@ -223,12 +225,13 @@ def compare(config, named_paths, *, workdir, split=None, mesh=None, rules=None, 
   comparison goes to <workdir>/<split>/comparison.md and models.png (one bar
   per run and headline metric). Returns {name: report}.
   """
+  config = config_lib.resolve(config)
   with run_lock.hold(workdir):
     return _compare(config, named_paths, workdir, split, mesh, rules, progress)
 
 
 def _compare(config, named_paths, workdir, split, mesh, rules, progress):
-  mesh, rules, split, rows, oracle, catalog = _setup(config, split, mesh, rules)
+  config, mesh, rules, split, rows, oracle, catalog = _setup(config, split, mesh, rules)
   reports = {}
   for name, path in named_paths.items():
     target = resolve_targets(path)[-1]

@@ -19,37 +19,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+# The default logical -> mesh axis table is the config schema's mesh.rules default.
+from safecrs_jax.config.sections import BATCH_AXES, DEFAULT_RULES
+
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
-
-# (logical name, mesh axis | tuple of mesh axes | None). A name may appear several
-# times: the first entry whose mesh axes are still free (and divide the dimension)
-# wins, else the dimension is replicated.
-DEFAULT_RULES = (
-    # parameters
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),       # fused heads*head_dim dim of q / o projections
-    ("kv_heads", "tensor"),    # fused kv_heads*head_dim dim of k / v projections
-    ("mlp", "tensor"),
-    ("head_dim", None),
-    ("layers", None),
-    ("norm", None),
-    # activations
-    ("act_batch", BATCH_AXES),
-    ("act_length", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
-    # KV cache [L, B, S, K, H]
-    ("cache_batch", BATCH_AXES),
-    ("cache_length", None),
-    ("cache_kv_heads", "tensor"),
-)
-
-
 def make_mesh(mesh_shape=(("data", 1), ("fsdp", -1), ("tensor", 1)),
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds a Mesh from ((axis, size), ...); one size may be -1 = all remaining devices.
@@ -177,7 +150,7 @@ def as_tuples(x):
 
 def mesh_from_config(config, devices=None):
   """(mesh, rules) from a run config's `mesh` section (shape, rules, num_devices)."""
-  n = int(config.mesh.get("num_devices", -1))
+  n = int(config.mesh.num_devices)
   if devices is None and n > 0:
     if jax.process_count() > 1:
       raise ValueError("mesh.num_devices only applies to single-process runs")

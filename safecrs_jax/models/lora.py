@@ -30,7 +30,7 @@ def check_config(lora_cfg):
   rank = int(lora_cfg.rank)
   if rank < 0:
     raise ValueError(f"sft.lora.rank must be >= 0, got {rank}")
-  dropout = float(lora_cfg.get("dropout", 0.0))
+  dropout = float(lora_cfg.dropout)
   if not 0.0 <= dropout < 1.0:
     raise ValueError(f"sft.lora.dropout must be in [0, 1), got {dropout}")
   if rank and not lora_cfg.targets:

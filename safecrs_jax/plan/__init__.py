@@ -18,6 +18,7 @@ from __future__ import annotations
 import jax
 from absl import logging
 
+from safecrs_jax import config as config_lib
 from safecrs_jax.infra import chips
 from safecrs_jax.infra import sharding as shd
 from safecrs_jax.infra.chips import CHIPS, Chip, chip_of
@@ -36,6 +37,7 @@ def plan_config(config, devices, *, hbm_bytes=None, only=None) -> list:
   ignored: the topology decides). hbm_bytes overrides the chip table. only:
   program names to compile (default all).
   """
+  config = config_lib.resolve(config)
   mesh = shd.make_mesh(shd.as_tuples(config.mesh.shape), devices=list(devices))
   rules = shd.as_tuples(config.mesh.rules)
   chip = chips.chip_of(devices[0])
@@ -70,8 +72,9 @@ def preflight(config, devices=None):
   Skipped on CPU (no fixed device memory). Raises SystemExit with the planner's
   message when a program of the stage does not fit, before any weights load.
   """
+  config = config_lib.resolve(config)
   if devices is None:
-    n = int(config.mesh.get("num_devices", -1))
+    n = int(config.mesh.num_devices)
     devices = jax.devices()[:n] if n > 0 else jax.devices()
   devices = list(devices)
   if devices[0].platform == "cpu":

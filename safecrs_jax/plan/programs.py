@@ -79,7 +79,7 @@ def _abstract_state(config, model_cfg, mesh, rules, tx, lora_rank=0):
 
 
 def _chunk(config):
-  return int(config.model.get("logits_chunk", 0))
+  return int(config.model.logits_chunk)
 
 
 def sft_programs(config, model_cfg, mesh, rules):
@@ -96,7 +96,7 @@ def sft_programs(config, model_cfg, mesh, rules):
   fn = jax.jit(functools.partial(
       steps.sft_train_step, model_cfg=model_cfg, tx=tx, schedule=sched,
       lora_scale=lora_lib.scale(config.sft.lora.alpha, rank) if rank else None,
-      lora_dropout=float(config.sft.lora.get("dropout", 0.0)) if rank else 0.0,
+      lora_dropout=float(config.sft.lora.dropout) if rank else 0.0,
       logits_chunk=_chunk(config), mesh=mesh, rules=rules),
       in_shardings=(state_sh, bsh, repl), out_shardings=(state_sh, repl), donate_argnums=0)
   return [Program("sft_train", fn, (state, batch, _key(mesh)), 0,

@@ -241,9 +241,9 @@ def knobs(row, config) -> list:
       out.append("model.remat=full (or dots_no_batch / offload)")
     elif m.remat in ("dots_no_batch", "offload"):
       out.append("model.remat=full")
-    if int(m.get("logits_chunk", 0)) <= 0:
+    if int(m.logits_chunk) <= 0:
       out.append("model.logits_chunk=256")
-    if m.get("attention", "auto") == "xla":
+    if m.attention == "xla":
       out.append("model.attention=auto (splash on TPU, cuDNN on GPU)")
   section = {"sft_train": "sft", "eval_generate": "eval"}.get(row["name"], "gdpo")
   out.append(f"{section}.batch_size lower (raise {section}.grad_accum to keep the step)"

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from safecrs_jax import config as config_lib
 from safecrs_jax import models, saferec
 from safecrs_jax.data import tokens
 from safecrs_jax.infra import run_lock
@@ -43,6 +44,7 @@ class Run(stage.Stage):
   name = "gdpo"
 
   def __init__(self, config, workdir):
+    config = config_lib.resolve(config)      # a ConfigDict: checked and typed here
     g = self.gcfg = config.gdpo
     self.per_rank = gdpo_setup.check_config(g)
     self.loss_cfg, self.mu = gdpo_setup.loss_config(g), int(g.mu)
@@ -183,7 +185,7 @@ class Run(stage.Stage):
     sh = steps.RolloutBatch(sh3, sh3, sh3, sh3, sh3, adv_sh,
                             sh3 if self.ref_params is not None else None)
     kw = dict(model_cfg=self.model_cfg, temperature=self.temperature, mesh=self.mesh,
-              rules=self.rules, logits_chunk=int(self.config.model.get("logits_chunk", 0)))
+              rules=self.rules, logits_chunk=int(self.config.model.logits_chunk))
     # the frozen reference's log-probs: once per rollout batch, not once per update
     p_sh = models.param_shardings(self.model_cfg, self.mesh, self.rules)
     reference = jax.jit(functools.partial(steps.reference_logprobs, **kw),
@@ -258,5 +260,6 @@ def train(config, workdir):
   preempted, run (the Run, holding the final state). Holds <workdir>/.lock
   while running.
   """
+  config = config_lib.resolve(config)
   with run_lock.hold(workdir):
     return Run(config, workdir).run()

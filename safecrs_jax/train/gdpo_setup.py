@@ -35,8 +35,8 @@ def reward_settings(gcfg):
       rec_num=int(gcfg.rec_num), lambda_safe=float(gcfg.lambda_safe),
       penalty_safe=float(gcfg.penalty_safe), target_count=int(gcfg.target_count),
       lambda_count=float(gcfg.lambda_count), relevance=str(gcfg.relevance),
-      rank_reward=str(gcfg.rank_reward), year_order=str(gcfg.get("year_order", "later_first")),
-      discount_safety=bool(gcfg.get("rank_discount_safety", True)))
+      rank_reward=str(gcfg.rank_reward), year_order=str(gcfg.year_order),
+      discount_safety=bool(gcfg.rank_discount_safety))
 
 
 def check_config(g):
@@ -73,7 +73,7 @@ def batch_geometry(g, dp):
   possible up to A, each with a whole number of prompts per device (rollout
   memory scales with a call's rows; gdpo.rollout_chunks > 0 forces a count).
   """
-  group, accum, unit = int(g.group_size), int(g.grad_accum), str(g.get("batch_unit", "prompts"))
+  group, accum, unit = int(g.group_size), int(g.grad_accum), str(g.batch_unit)
   if unit not in BATCH_UNITS:
     raise ValueError(f"gdpo.batch_unit must be one of {BATCH_UNITS}, got {unit!r}")
   micro_rows = int(g.batch_size) * dp * (group if unit == "prompts" else 1)
@@ -82,7 +82,7 @@ def batch_geometry(g, dp):
                      f"{int(g.batch_size)} x {dp} devices x grad_accum {accum}) are not whole "
                      f"groups of group_size={group}")
   step_prompts = micro_rows * accum // group
-  chunks = int(g.get("rollout_chunks", 0))
+  chunks = int(g.rollout_chunks)
   if chunks <= 0:
     chunks = max(c for c in range(1, accum + 1)
                  if step_prompts % c == 0 and (step_prompts // c) % dp == 0) \
@@ -120,7 +120,7 @@ def load_prompts(config, data_dir):
   relational suite) and mix orders them; mix is None when off.
   """
   rows = saferec.load_split(data_dir, "train", stage="grpo",
-                            strict=config.data.get("strict", True))
+                            strict=config.data.strict)
   oracle = saferec.load_oracle(data_dir, float(config.data.risk_threshold))
   mix = rel_training.from_config(rows, oracle, config.data)
   return (mix.rows if mix else rows), oracle, mix

@@ -78,7 +78,7 @@ _OMITTED_WHEN = {"sft": {"backfill": False}}
 def result_settings(config):
   """The config minus what cannot change the result (paths are replaced by content hashes)."""
   out = {}
-  for key, value in json.loads(config.to_json_best_effort()).items():
+  for key, value in json.loads(config.to_json()).items():
     if key in _NOT_RESULT:
       continue
     if isinstance(value, dict):
@@ -123,7 +123,7 @@ def write_run_files(workdir, config, model_cfg, tokenizer):
       tokenizer.save_pretrained(local)
     storage.replace_dir(tmp, tok_dir)
   with storage.open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+    f.write(config.to_json(indent=2))
 
 
 def _saved_tokenizer_hash(tok_dir):
@@ -138,8 +138,8 @@ def open_checkpointer(config, workdir):
   ck = config.checkpoint
   return checkpoint.Checkpointer(
       os.path.join(workdir, checkpoint.CHECKPOINTS), save_every=ck.save_every,
-      keep=ck.keep, async_save=ck.async_save, verify=ck.get("verify", True),
-      save_every_minutes=ck.get("save_every_minutes", 0.0))
+      keep=ck.keep, async_save=ck.async_save, verify=ck.verify,
+      save_every_minutes=ck.save_every_minutes)
 
 
 def restore_or_init(ckpt, abstract_state, fingerprint, init_fn, *, overwrite=False):
@@ -244,10 +244,10 @@ class Books:
     # Rows past the restored step came from the interrupted run: dropped.
     self.writer = metrics_log.MetricWriter(
         workdir, tensorboard=bool(log_cfg.tensorboard), resume_step=int(initial),
-        wandb_project=str(log_cfg.get("wandb_project", "")),
-        wandb_mode=str(log_cfg.get("wandb_mode", "online")),
+        wandb_project=str(log_cfg.wandb_project),
+        wandb_mode=str(log_cfg.wandb_mode),
         wandb_config=None if run_config is None else run_config.to_dict())
-    self.profile = Profile(workdir, log_cfg.get("profile_steps", (-1, -1)))
+    self.profile = Profile(workdir, log_cfg.profile_steps)
     self.progress = metrics_log.Progress(total, initial=initial, desc=desc,
                                          enabled=bool(log_cfg.progress))
     self.watch = PreemptionWatch()

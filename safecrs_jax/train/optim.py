@@ -20,7 +20,7 @@ SCHEDULES = ("cosine", "constant", "linear")
 
 def warmup_steps(optim_cfg, total_steps):
   """Number of warmup steps: ceil(warmup_ratio * total_steps), as HF does."""
-  ratio = float(optim_cfg.get("warmup_ratio", 0.0))
+  ratio = float(optim_cfg.warmup_ratio)
   if not 0.0 <= ratio < 1.0:
     raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {ratio}")
   return int(math.ceil(ratio * total_steps))
@@ -29,7 +29,7 @@ def warmup_steps(optim_cfg, total_steps):
 def make_schedule(optim_cfg, total_steps):
   """lr(step) for step = number of updates already applied (0 for the first)."""
   lr = float(optim_cfg.lr)
-  kind = optim_cfg.get("schedule", "cosine")
+  kind = optim_cfg.schedule
   if kind not in SCHEDULES:
     raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {kind!r}")
   if total_steps <= 0:
@@ -44,11 +44,11 @@ def make_schedule(optim_cfg, total_steps):
     after = optax.cosine_decay_schedule(lr, decay, alpha=0.0)
   sched = after if warm == 0 else optax.join_schedules(
       [optax.linear_schedule(0.0, lr, warm), after], [warm])
-  drop = int(optim_cfg.get("lr_drop_step", -1))
+  drop = int(optim_cfg.lr_drop_step)
   if drop < 0:
     return sched
   return optax.join_schedules(
-      [sched, optax.constant_schedule(float(optim_cfg.get("lr_drop_to", 0.0)))], [drop])
+      [sched, optax.constant_schedule(float(optim_cfg.lr_drop_to))], [drop])
 
 
 def decay_mask(params):
@@ -60,11 +60,11 @@ def make_optimizer(optim_cfg, total_steps):
   """(optax GradientTransformation, schedule) for `total_steps` updates."""
   schedule = make_schedule(optim_cfg, total_steps)
   parts = []
-  clip = float(optim_cfg.get("grad_clip", 0.0))
+  clip = float(optim_cfg.grad_clip)
   if clip > 0:
     parts.append(optax.clip_by_global_norm(clip))
   parts.append(optax.adamw(
       learning_rate=schedule, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2),
-      eps=float(optim_cfg.eps), weight_decay=float(optim_cfg.get("weight_decay", 0.0)),
+      eps=float(optim_cfg.eps), weight_decay=float(optim_cfg.weight_decay),
       mask=decay_mask))
   return optax.chain(*parts), schedule

@@ -45,12 +45,11 @@ def numerics(config) -> dict:
   of its parts. The params are the same either way.
   """
   over = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-              remat=config.model.remat, attention=config.model.get("attention", "auto"))
+              remat=config.model.remat, attention=config.model.attention)
   tensor = dict(shd.as_tuples(config.mesh.shape)).get("tensor", 1)
   if int(tensor) != 1:
     over["fuse_projections"] = False
-  if config.model.get("scan_layers", None) is not None:
-    over["scan_layers"] = bool(config.model.scan_layers)
+  over["scan_layers"] = bool(config.model.scan_layers)
   return over
 
 
@@ -61,7 +60,7 @@ def model_config(config, tokenizer=None) -> models.ModelConfig:
   (rounded up to a multiple of 64); an HF model must cover the tokenizer.
   """
   over = numerics(config)
-  extra = dict(shd.as_tuples(config.model.get("overrides", ()) or ()))
+  extra = dict(shd.as_tuples(config.model.overrides))
   if config.model.hf_dir:
     if extra:
       raise ValueError(f"model.overrides {extra} only apply to a preset, not model.hf_dir")
@@ -131,7 +130,7 @@ def source_identity(config, path):
     if config.model.hf_dir:
       return source_identity(config, config.model.hf_dir)
     return {"kind": "preset", "preset": config.model.preset,
-            "overrides": [list(x) for x in shd.as_tuples(config.model.get("overrides", ()) or ())],
+            "overrides": [list(x) for x in shd.as_tuples(config.model.overrides)],
             "seed": int(config.seed)}
   if checkpoint_kind(path) == "hf":
     return {"kind": "hf", "path": storage.resolve(path), "hash": provenance.tree_hash(path)}
@@ -212,7 +211,7 @@ def load_policy(config, path, mesh=None, rules=None, *, data_dir=None, init_key=
     has_tok = storage.exists(os.path.join(path, "tokenizer_config.json"))
     tok = tokens.load_tokenizer(path) if has_tok else _config_tokenizer(config, data_dir)
     return Policy(cfg, params, tok, storage.resolve(path), kind)
-  cfg, params = load_params(path, mesh, rules, verify=config.checkpoint.get("verify", True),
+  cfg, params = load_params(path, mesh, rules, verify=config.checkpoint.verify,
                             **over)
   tok = tokens.load_tokenizer(checkpoint.tokenizer_dir(path))
   return Policy(cfg, params, tok, checkpoint.find_step_dir(path), kind)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from safecrs_jax import config as config_lib
 from safecrs_jax import models, saferec
 from safecrs_jax.data import assets, tokens
 from safecrs_jax.infra import flops, run_lock, storage
@@ -37,6 +38,7 @@ class Run(stage.Stage):
   name = "sft"
 
   def __init__(self, config, workdir):
+    config = config_lib.resolve(config)      # a ConfigDict: checked and typed here
     self.lora_on = lora_lib.check_config(config.sft.lora)
     super().__init__(config, workdir)
     self.tokenizer = tokens.load_tokenizer(assets.resolve_tokenizer_path(config, self.data_dir))
@@ -63,8 +65,8 @@ class Run(stage.Stage):
   def _load_data(self):
     config = self.config
     oracle = None
-    mixing = float(config.data.get("relational_mix", 0.0)) > 0
-    if config.sft.get("curate", True) or mixing:
+    mixing = float(config.data.relational_mix) > 0
+    if config.sft.curate or mixing:
       oracle = saferec.load_oracle(self.data_dir, risk_threshold=config.data.risk_threshold)
     self.curation = {}
     train_rows, self.curation["train"] = sft_data.load_sft_rows(config, self.data_dir, "train",
@@ -170,7 +172,7 @@ class Run(stage.Stage):
   # -- the jitted steps, each beside its caller ------------------------------------
   def _step_kw(self):
     return dict(model_cfg=self.model_cfg, lora_scale=self.lora_scale, mesh=self.mesh,
-                rules=self.rules, logits_chunk=int(self.config.model.get("logits_chunk", 0)))
+                rules=self.rules, logits_chunk=int(self.config.model.logits_chunk))
 
   @functools.cached_property
   def eval_fn(self):
@@ -205,7 +207,7 @@ class Run(stage.Stage):
   def train_fn(self):
     """Jitted steps.sft_train_step: (state, TokenBatch [A, B, T], root key) -> (state', metrics)."""
     repl = shd.replicated(self.mesh)
-    dropout = float(self.config.sft.lora.get("dropout", 0.0)) if self.lora_on else 0.0
+    dropout = float(self.config.sft.lora.dropout) if self.lora_on else 0.0
     return jax.jit(
         functools.partial(steps.sft_train_step, tx=self.tx, schedule=self.schedule,
                           lora_dropout=dropout, **self._step_kw()),
@@ -246,6 +248,7 @@ def train(config, workdir, *, stop_at=None, step_hook=None):
   curation reports ({split: report}, also in <workdir>/curation.json), and
   `run` (the Run, holding the final state).
   """
+  config = config_lib.resolve(config)
   with run_lock.hold(workdir):
     run = Run(config, workdir)
     return run.run(hooks=() if step_hook is None else (step_hook,), stop_at=stop_at)

@@ -35,13 +35,13 @@ def prepare_rows(rows, config, oracle=None, *, curate=None):
   rows (index in the split, the user's request, its constraints). curate=None
   reads sft.curate.
   """
-  reasoning = bool(config.sft.get("reasoning", True))
-  if config.sft.get("curate", True) if curate is None else curate:
+  reasoning = bool(config.sft.reasoning)
+  if config.sft.curate if curate is None else curate:
     if oracle is None:
       raise ValueError("sft.curate needs the safety oracle")
     loaded = rows
     rows, report = saferec.curate_sft_rows(rows, oracle, reasoning=reasoning,
-                                           backfill=bool(config.sft.get("backfill", False)))
+                                           backfill=bool(config.sft.backfill))
     report = dict(report, dropped=[_dropped_row(i, loaded[i])
                                    for i in report.pop("dropped_indices")])
     return rows, report
@@ -69,8 +69,8 @@ def curation_lines(report, split, limit=5):
 def load_sft_rows(config, data_dir, split, oracle=None):
   """Loaded and curated rows of `split`: (rows, curation report)."""
   rows = saferec.load_split(data_dir, split, stage="sft",
-                            strict=config.data.get("strict", True))
-  if config.sft.get("curate", True) and oracle is None:
+                            strict=config.data.strict)
+  if config.sft.curate and oracle is None:
     oracle = saferec.load_oracle(data_dir, risk_threshold=config.data.risk_threshold)
   rows, report = prepare_rows(rows, config, oracle)
   if not rows:
@@ -80,7 +80,7 @@ def load_sft_rows(config, data_dir, split, oracle=None):
 
 def encode_rows(config, tokenizer, rows):
   return tokens.encode_sft(tokenizer, rows, int(config.tokenizer.max_length),
-                           truncation=str(config.tokenizer.get("truncation", "right")))
+                           truncation=str(config.tokenizer.truncation))
 
 
 def load_sft_examples(config, tokenizer, data_dir, split, oracle=None):

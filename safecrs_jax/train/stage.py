@@ -95,7 +95,7 @@ class Stage:
     self.root_key = jax.random.key(int(self.config.seed))
     self.state, data = loop.restore_or_init(
         self.ckpt, self.abstract_state, fingerprint, init_fn,
-        overwrite=bool(self.config.checkpoint.get("overwrite", False)))
+        overwrite=bool(self.config.checkpoint.overwrite))
     return data
 
   def start(self, books):

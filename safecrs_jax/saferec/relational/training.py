@@ -205,7 +205,7 @@ MANIFEST = "relational_mix.json"
 
 
 def _names(data_cfg, key, allowed):
-  got = tuple(data_cfg.get(key, ()) or ()) or allowed
+  got = tuple(getattr(data_cfg, key)) or allowed
   bad = [x for x in got if x not in allowed]
   if bad:
     raise ValueError(f"data.{key}={got}: {bad} not among {allowed}")
@@ -218,14 +218,14 @@ def from_config(plain_rows, oracle, data_cfg, prepare=None):
   data.relational_parts () = all PARTS; data.relational_controls () = all CONTROLS,
   ("none",) = no turn controls. `prepare`: see the module doc (Safe-SFT curation).
   """
-  ratio = float(data_cfg.get("relational_mix", 0.0))
+  ratio = float(data_cfg.relational_mix)
   suite_target(1, 0, ratio)   # validates the ratio
   if ratio == 0.0:
     return None
   parts = _names(data_cfg, "relational_parts", PARTS)
-  controls = tuple(data_cfg.get("relational_controls", ()) or ())
+  controls = tuple(data_cfg.relational_controls)
   controls = () if controls == ("none",) else _names(data_cfg, "relational_controls", CONTROLS)
-  return Mix(plain_rows, oracle, ratio, int(data_cfg.get("relational_seed", 0)), parts=parts,
+  return Mix(plain_rows, oracle, ratio, int(data_cfg.relational_seed), parts=parts,
              controls=controls, prepare=prepare)
 
 
