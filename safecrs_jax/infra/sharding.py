@@ -8,12 +8,8 @@ Every parameter and activation carries logical axis names (embed, heads, mlp, ..
 RULES map them to mesh axes. The same code runs on 1 CPU device, 8 fake CPU devices,
 a GPU host or a TPU pod slice: only the mesh changes.
 
-Several slices (multi-slice, joined over the data-centre network, DCN): the mesh
-shape describes one slice, and the `data` axis also spans the slices, slice-major
-(data index = slice * per-slice data + index within the slice), as
-jax.experimental.mesh_utils.create_hybrid_device_mesh lays it out. Only the
-gradient reduction of data parallelism crosses DCN; FSDP gathers and tensor
-parallelism stay on a slice's ICI.
+Several slices (mesh.num_slices > 1): the mesh shape is one slice's and `data` also
+spans the slices over DCN (slices.py).
 """
 from __future__ import annotations
 
@@ -23,14 +19,14 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.experimental import mesh_utils, multihost_utils
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # The default logical -> mesh axis table is the config schema's mesh.rules default.
 from safecrs_jax.config.sections import BATCH_AXES, DEFAULT_RULES
+from safecrs_jax.infra.slices import hybrid_devices
 
 MESH_AXES = ("data", "fsdp", "tensor")
-DCN_AXIS = "data"        # the axis that spans slices in a multi-slice mesh
 
 
 def _sizes(mesh_shape, n: int) -> tuple[tuple[str, ...], list[int]]:
@@ -50,44 +46,6 @@ def _sizes(mesh_shape, n: int) -> tuple[tuple[str, ...], list[int]]:
   return names, sizes
 
 
-def slice_groups(devices: Sequence[jax.Device], num_slices: int) -> list[list[jax.Device]]:
-  """The devices of each slice, in slice order.
-
-  TPU devices carry `slice_index` (real multi-slice runs and the planner's
-  compile-only topologies); elsewhere (GPU hosts as slices, CPU test stand-ins)
-  the devices are split in their given order into num_slices equal groups.
-  """
-  devices = list(devices)
-  if hasattr(devices[0], "slice_index"):
-    groups: dict[int, list] = {}
-    for d in devices:
-      groups.setdefault(d.slice_index, []).append(d)
-    if len(groups) != num_slices:
-      raise ValueError(f"mesh.num_slices={num_slices}, but the devices belong to "
-                       f"{len(groups)} slice(s)")
-    return [groups[k] for k in sorted(groups)]
-  if len(devices) % num_slices:
-    raise ValueError(f"{len(devices)} devices do not split into {num_slices} slices")
-  k = len(devices) // num_slices
-  return [devices[i * k:(i + 1) * k] for i in range(num_slices)]
-
-
-def _hybrid_devices(names, sizes, devices, num_slices: int) -> np.ndarray:
-  """Device array of a multi-slice mesh: per-slice mesh `sizes`, DCN_AXIS across slices."""
-  if DCN_AXIS not in names:
-    raise ValueError(f"mesh.num_slices={num_slices} needs a {DCN_AXIS!r} mesh axis")
-  dcn = [num_slices if name == DCN_AXIS else 1 for name in names]
-  groups = slice_groups(devices, num_slices)
-  if hasattr(devices[0], "slice_index"):
-    flat = [d for g in groups for d in g]
-    return mesh_utils.create_hybrid_device_mesh(sizes, dcn, flat,
-                                                allow_split_physical_axes=True)
-  # No slice_index (CPU stand-ins, GPU hosts): the same block layout by hand.
-  axis = names.index(DCN_AXIS)
-  return np.concatenate([np.asarray(g, dtype=object).reshape(sizes) for g in groups],
-                        axis=axis)
-
-
 def make_mesh(mesh_shape=(("data", 1), ("fsdp", -1), ("tensor", 1)),
               devices: Sequence[jax.Device] | None = None, num_slices: int = 1) -> Mesh:
   """Builds a Mesh from ((axis, size), ...); one size may be -1 = all remaining devices.
@@ -96,7 +54,7 @@ def make_mesh(mesh_shape=(("data", 1), ("fsdp", -1), ("tensor", 1)),
   TPU/GPU) when given all devices. Axes are AxisType.Auto (GSPMD propagation).
   num_slices > 1: `mesh_shape` is one slice's mesh (-1 = the rest of a slice)
   and the data axis is num_slices times its size, across the slices (module
-  docstring; `slice_groups` says which devices form a slice).
+  docstring; `slices.slice_groups` says which devices form a slice).
   """
   mesh_shape = tuple((str(n), int(s)) for n, s in (
       mesh_shape.items() if hasattr(mesh_shape, "items") else mesh_shape))
@@ -108,7 +66,7 @@ def make_mesh(mesh_shape=(("data", 1), ("fsdp", -1), ("tensor", 1)),
     if len(devices) % num_slices:
       raise ValueError(f"{len(devices)} devices do not split into {num_slices} slices")
     names, sizes = _sizes(mesh_shape, len(devices) // num_slices)
-    return Mesh(_hybrid_devices(names, sizes, devices, num_slices), names, axis_types=auto)
+    return Mesh(hybrid_devices(names, sizes, devices, num_slices), names, axis_types=auto)
   if num_slices < 1:
     raise ValueError(f"mesh.num_slices={num_slices}: expected 1 or more")
   names, sizes = _sizes(mesh_shape, len(devices))
