@@ -5,7 +5,11 @@ r"""Exports a Safe-SFT / Safe-GDPO checkpoint as a Hugging Face model directory.
       --dtype=bfloat16
 
 --checkpoint is a run directory (latest step), its checkpoints/ dir or one step
-dir. LoRA adapters are merged into the weights; the run's tokenizer is copied.
+dir. LoRA adapters are merged into the weights; the run's tokenizer is copied;
+generation_config.json names the stop tokens (EOS and the end-of-turn token).
+The weights are written in the dtype the run trained in (its model.dtype:
+bfloat16 for the paper configs, float32 for the demo) unless --dtype says
+otherwise. Serve the directory with `vllm serve <out> --dtype auto`.
 The step's checksums are verified first; a damaged step (even the latest of a
 run dir) is an error naming it, never replaced by an older one.
 """
@@ -20,7 +24,7 @@ from safecrs_jax.train import checkpoint, policy
 _CKPT = flags.DEFINE_string("checkpoint", None, "run dir, checkpoints/ dir or step dir")
 _OUT = flags.DEFINE_string("out", None, "output HF directory (config.json, safetensors, tokenizer)")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
-                           "storage dtype of the exported weights (default: as trained)")
+                           "dtype of the exported weights (default: the run's model.dtype)")
 flags.mark_flags_as_required(["checkpoint", "out"])
 
 

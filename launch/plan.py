@@ -3,11 +3,14 @@ r"""Will it fit? AOT-compile a stage's programs for a topology and print their m
   python -m launch.plan --config=configs/llama31.py:stage=gdpo --topology=v5p-16
   python -m launch.plan --config=configs/qwen25.py --topology=v5litepod-4 --json
   python -m launch.plan --config=configs/demo.py --topology=cpu:8
+  python -m launch.plan --config=configs/llama31.py:stage=sft --topology=v5p-16 --num_slices=2
 
 --topology: a Cloud TPU name (v5p-16 = 8 chips, v5litepod-4, v4-8, v6e-8, ...),
 a libtpu topology (v5p:2x2x2), or cpu:N (N host devices standing in for a GPU
-host; --hbm_gib sets their memory). TPU names need libtpu (pip install
-'.[plan]'); no TPU is used. Exits 1 when a program does not fit, naming knobs.
+host; --hbm_gib sets their memory). --num_slices=S plans for S such slices
+joined over DCN (mesh.num_slices: the config's mesh is one slice's, data
+parallelism spans the slices). TPU names need libtpu (pip install '.[plan]');
+no TPU is used. Exits 1 when a program does not fit, naming knobs.
 """
 import os
 import re
@@ -18,9 +21,11 @@ import sys
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["TPU_SKIP_MDS_QUERY"] = "1"
 _cpu = [m.group(1) for a in sys.argv for m in [re.fullmatch(r"--topology=cpu:(\d+)", a)] if m]
+_slices = [m.group(1) for a in sys.argv for m in [re.fullmatch(r"--num_slices=(\d+)", a)] if m]
 if _cpu and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  _n = int(_cpu[0]) * max(1, int(_slices[0]) if _slices else 1)
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + f" --xla_force_host_platform_device_count={_cpu[0]}").strip()
+                             + f" --xla_force_host_platform_device_count={_n}").strip()
 
 import json  # noqa: E402
 
@@ -36,21 +41,27 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "v5p-16 | v5litepod-4 | v5p:2x
 _JSON = flags.DEFINE_bool("json", False, "print a JSON list of per-program rows")
 _HBM = flags.DEFINE_float("hbm_gib", 0.0, "device memory override in GiB (0 = chip table)")
 _ONLY = flags.DEFINE_list("programs", None, "compile only these programs (default all)")
+_SLICES = flags.DEFINE_integer("num_slices", 0, "slices of --topology joined over DCN "
+                               "(0 = the config's mesh.num_slices)")
 flags.mark_flags_as_required(["config", "topology"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = launch.typed_config(_CONFIG.value)
-  devices = plan.topology_devices(_TOPOLOGY.value)
+  slices = {"mesh.num_slices": _SLICES.value} if _SLICES.value else {}
+  config = launch.typed_config(_CONFIG.value, **slices)
+  devices = plan.topology_devices(_TOPOLOGY.value, int(config.mesh.num_slices))
   rows = plan.plan_config(config, devices, only=_ONLY.value,
                           hbm_bytes=int(_HBM.value * (1 << 30)) if _HBM.value else None)
   ok, message = plan.verdict(rows, config)
   if _JSON.value:
     print(json.dumps(rows, indent=1))
   else:
-    print(plan.format_table(rows, header=f"{config.stage} on {_TOPOLOGY.value}: {len(devices)} x "
+    where = _TOPOLOGY.value
+    if config.mesh.num_slices > 1:
+      where = f"{config.mesh.num_slices} x {where} (DCN)"
+    print(plan.format_table(rows, header=f"{config.stage} on {where}: {len(devices)} x "
                             f"{devices[0].device_kind}, mesh {rows[0]['mesh'] if rows else ''}"))
     print(message)
   if not ok:

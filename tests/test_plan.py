@@ -210,6 +210,42 @@ def test_fsdp_gradients_reduce_scatter_on_tpu():
     assert red["reduce_scatter"] >= 7 * layers + 1, (scan, red)   # q k v o gate up down, embedding
 
 
+def test_multi_slice_plan_on_cpu():
+  """mesh.num_slices=2 over cpu:4 x 2 (stand-in slices, 4 devices each, in order): the
+  config's mesh is one slice's and data parallelism spans the two."""
+  devices = plan.topology_devices("cpu:4", num_slices=2)
+  assert devices == jax.devices()[:8]
+  c = _config()
+  c.mesh.num_slices = 2
+  rows = plan.plan_config(c, devices)
+  assert [r["name"] for r in rows] == ["sft_train", "eval_generate"]
+  assert all(r["fits"] and r["num_devices"] == 8 for r in rows)
+  assert rows[0]["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+  ok = _launch("--config=configs/demo.py:size=test", "--topology=cpu:4", "--num_slices=2",
+               "--programs=sft_train")
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  assert "sft on 2 x cpu:4 (DCN): 8 x cpu" in ok.stdout
+  assert "'data': 2, 'fsdp': 4" in ok.stdout
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu not installed (pip install -e '.[plan]')")
+def test_multi_slice_tpu_topology_plan():
+  """2 x v5litepod-4 from libtpu's multi-slice topology: each device knows its slice; the
+  hybrid mesh puts data across the slices and fsdp within one; the programs compile."""
+  devices = plan.topology_devices("v5litepod-4", num_slices=2)
+  assert len(devices) == 8 and sorted({d.slice_index for d in devices}) == [0, 1]
+  mesh = sharding.make_mesh(FSDP, devices=devices, num_slices=2)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert [{d.slice_index for d in mesh.devices[i].ravel()} for i in range(2)] == [{0}, {1}]
+  with pytest.raises(ValueError, match="belong to 2 slice"):
+    sharding.make_mesh(FSDP, devices=devices, num_slices=4)
+  c = _config()
+  c.mesh.num_slices = 2
+  rows = plan.plan_config(c, devices)
+  assert [r["name"] for r in rows] == ["sft_train", "eval_generate"]
+  assert all(r["fits"] for r in rows) and rows[0]["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+
+
 def test_preflight_skips_cpu_devices():
   # CPU has no fixed device memory: the start-up check compiles nothing there.
   assert plan.preflight(_config()) is None

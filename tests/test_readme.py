@@ -152,9 +152,10 @@ def _config_has(path):
 
 def test_readme_opens_with_the_two_fresh_machine_commands():
   blocks = _bash_blocks(_read(README))
-  assert blocks[0].strip() == "pip install -e . && python -m launch.demo --workdir=runs/demo"
+  assert blocks[0].strip() == ("pip install -e . -c constraints.txt && "
+                              "python -m launch.demo --workdir=runs/demo")
   test_cmd = blocks[1].strip()
-  assert test_cmd.startswith('pip install -e ".[test]" && python -m pytest')
+  assert test_cmd.startswith('pip install -e ".[test]" -c constraints.txt && python -m pytest')
   ci = _read(os.path.join(ROOT, ".ci", "run"))
   assert test_cmd.split(" && ", 1)[1] in ci.splitlines()
   # the first command runs in its own venv holding only the plain install (no test extra)

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from configs import demo
+from safecrs_jax import config as config_lib
 from safecrs_jax import models
 from safecrs_jax.infra import sharding
 
@@ -41,6 +43,34 @@ def test_make_mesh_fills_minus_one():
     sharding.make_mesh((("data", -1), ("fsdp", -1), ("tensor", 1)))
   with pytest.raises(ValueError, match="needs 6 devices"):
     sharding.make_mesh((("data", 2), ("fsdp", 3), ("tensor", 1)))
+
+
+def test_multi_slice_mesh_puts_data_across_slices():
+  """Fake slices on CPU (no slice_index: 4 devices each, in order): the mesh shape is
+  one slice's, `data` spans the slices slice-major, fsdp / tensor stay within a slice."""
+  devs = jax.devices()
+  slice_of = {d: i // 4 for i, d in enumerate(devs)}
+  mesh = sharding.make_mesh((("data", 1), ("fsdp", -1), ("tensor", 1)), num_slices=2)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  for i in range(2):
+    assert {slice_of[d] for d in mesh.devices[i].ravel()} == {i}
+  # two data-parallel groups per slice: data index = slice * 2 + index in the slice
+  mesh = sharding.make_mesh((("data", 2), ("fsdp", -1), ("tensor", 2)), num_slices=2)
+  assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+  assert [{slice_of[d] for d in mesh.devices[i].ravel()} for i in range(4)] == \
+      [{0}, {0}, {1}, {1}]
+  # the config field: mesh_from_config builds such a mesh (the demo's shape is one slice's)
+  config = config_lib.override(config_lib.resolve(demo.get_config()), "mesh.num_slices", 2)
+  assert dict(config.mesh.shape) == {"data": 1, "fsdp": -1, "tensor": 1}
+  got, _ = sharding.mesh_from_config(config, devices=devs)
+  assert dict(got.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert [{slice_of[d] for d in got.devices[i].ravel()} for i in range(2)] == [{0}, {1}]
+  with pytest.raises(ValueError, match="do not split into 3 slices"):
+    sharding.make_mesh(num_slices=3)
+  with pytest.raises(ValueError, match="needs a 'data' mesh axis"):
+    sharding.make_mesh((("fsdp", -1), ("tensor", 1)), num_slices=2)
+  with pytest.raises(ValueError, match="needs 8 devices, have 4"):
+    sharding.make_mesh((("data", 1), ("fsdp", 8), ("tensor", 1)), num_slices=2)
 
 
 def test_logical_to_spec_rules_and_divisibility():

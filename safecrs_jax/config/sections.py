@@ -69,6 +69,8 @@ class Mesh(Section):
   # overriding this field, without touching code.
   rules: tuple[tuple[str, MeshAxes], ...] = DEFAULT_RULES
   num_devices: int = -1          # use only the first N devices (-1 = all; single process)
+  num_slices: int = 1            # TPU slices joined over DCN: `shape` is then one slice's mesh
+                                 # and "data" also spans the slices (data parallel over DCN)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,9 @@ The mesh has three named axes:
 Every parameter and activation carries logical axis names (embed, heads, mlp, ...);
 RULES map them to mesh axes. The same code runs on 1 CPU device, 8 fake CPU devices,
 a GPU host or a TPU pod slice: only the mesh changes.
+
+Several slices (mesh.num_slices > 1): the mesh shape is one slice's and `data` also
+spans the slices over DCN (slices.py).
 """
 from __future__ import annotations
 
@@ -21,22 +24,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # The default logical -> mesh axis table is the config schema's mesh.rules default.
 from safecrs_jax.config.sections import BATCH_AXES, DEFAULT_RULES
+from safecrs_jax.infra.slices import hybrid_devices
 
 MESH_AXES = ("data", "fsdp", "tensor")
-def make_mesh(mesh_shape=(("data", 1), ("fsdp", -1), ("tensor", 1)),
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds a Mesh from ((axis, size), ...); one size may be -1 = all remaining devices.
 
-  Sizes must multiply to the device count. Uses jax.make_mesh (topology-aware on
-  TPU/GPU) when given all devices. Axes are AxisType.Auto (GSPMD propagation).
-  """
-  mesh_shape = tuple((str(n), int(s)) for n, s in (
-      mesh_shape.items() if hasattr(mesh_shape, "items") else mesh_shape))
-  names = tuple(n for n, _ in mesh_shape)
+
+def _sizes(mesh_shape, n: int) -> tuple[tuple[str, ...], list[int]]:
+  """(names, sizes) of ((axis, size), ...) over n devices, the one -1 filled in."""
+  names = tuple(name for name, _ in mesh_shape)
   sizes = [s for _, s in mesh_shape]
-  all_devices = devices is None
-  devices = list(jax.devices() if devices is None else devices)
-  n = len(devices)
   if sizes.count(-1) > 1:
     raise ValueError(f"mesh_shape {mesh_shape}: at most one axis may be -1")
   known = math.prod(s for s in sizes if s != -1)
@@ -47,8 +43,33 @@ def make_mesh(mesh_shape=(("data", 1), ("fsdp", -1), ("tensor", 1)),
   if math.prod(sizes) != n:
     raise ValueError(f"mesh_shape {mesh_shape} needs {math.prod(sizes)} devices, "
                      f"have {n}")
+  return names, sizes
+
+
+def make_mesh(mesh_shape=(("data", 1), ("fsdp", -1), ("tensor", 1)),
+              devices: Sequence[jax.Device] | None = None, num_slices: int = 1) -> Mesh:
+  """Builds a Mesh from ((axis, size), ...); one size may be -1 = all remaining devices.
+
+  Sizes must multiply to the device count. Uses jax.make_mesh (topology-aware on
+  TPU/GPU) when given all devices. Axes are AxisType.Auto (GSPMD propagation).
+  num_slices > 1: `mesh_shape` is one slice's mesh (-1 = the rest of a slice)
+  and the data axis is num_slices times its size, across the slices (module
+  docstring; `slices.slice_groups` says which devices form a slice).
+  """
+  mesh_shape = tuple((str(n), int(s)) for n, s in (
+      mesh_shape.items() if hasattr(mesh_shape, "items") else mesh_shape))
+  all_devices = devices is None
+  devices = list(jax.devices() if devices is None else devices)
   # Auto axes: shardings propagate through jit (newer jax defaults to Explicit).
-  auto = (jax.sharding.AxisType.Auto,) * len(names)
+  auto = (jax.sharding.AxisType.Auto,) * len(mesh_shape)
+  if num_slices > 1:
+    if len(devices) % num_slices:
+      raise ValueError(f"{len(devices)} devices do not split into {num_slices} slices")
+    names, sizes = _sizes(mesh_shape, len(devices) // num_slices)
+    return Mesh(hybrid_devices(names, sizes, devices, num_slices), names, axis_types=auto)
+  if num_slices < 1:
+    raise ValueError(f"mesh.num_slices={num_slices}: expected 1 or more")
+  names, sizes = _sizes(mesh_shape, len(devices))
   if all_devices:
     try:
       return jax.make_mesh(tuple(sizes), names, axis_types=auto)
@@ -149,7 +170,7 @@ def as_tuples(x):
 
 
 def mesh_from_config(config, devices=None):
-  """(mesh, rules) from a run config's `mesh` section (shape, rules, num_devices)."""
+  """(mesh, rules) from a run config's `mesh` section (shape, num_slices, rules, num_devices)."""
   n = int(config.mesh.num_devices)
   if devices is None and n > 0:
     if jax.process_count() > 1:
@@ -157,7 +178,8 @@ def mesh_from_config(config, devices=None):
     if n > jax.device_count():
       raise ValueError(f"mesh.num_devices={n} > {jax.device_count()} devices")
     devices = jax.devices()[:n]
-  mesh = make_mesh(as_tuples(config.mesh.shape), devices=devices)
+  mesh = make_mesh(as_tuples(config.mesh.shape), devices=devices,
+                   num_slices=int(config.mesh.num_slices))
   return mesh, as_tuples(config.mesh.rules)
 
 

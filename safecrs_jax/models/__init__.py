@@ -3,6 +3,7 @@
   cfg = ModelConfig.from_hf(path_or_dict, **overrides)
   cfg, params = load_hf(path, mesh=None, rules=None, **overrides)
   save_hf(cfg, params, out_dir)
+  cfg, info = check_hf(path)          # what load_hf checks, no weights read
   params = init_params(cfg, rng, mesh=None, rules=None)
   logits = forward(cfg, params, input_ids, attention_mask)          # [B,T,V]
   hidden = forward_hidden(cfg, params, input_ids, attention_mask)   # [B,T,D]
@@ -28,13 +29,13 @@ from safecrs_jax.models.decoder import (
     positions_from_mask,
 )
 from safecrs_jax.models.head import chunked_nll_sum, chunked_token_logprobs, head_weight
-from safecrs_jax.models.hf_io import CheckpointError, load_hf, save_hf
+from safecrs_jax.models.hf_io import CheckpointError, check_hf, load_hf, save_hf
 from safecrs_jax.models.presets import PRESETS
 
 __all__ = [
     "CheckpointError", "ConfigError", "Decoder", "ModelConfig", "PRESETS", "abstract_params",
-    "cache_logical_axes", "chunked_nll_sum", "chunked_token_logprobs", "count_params",
-    "forward", "forward_cached", "forward_hidden", "head_weight", "init_cache",
+    "cache_logical_axes", "check_hf", "chunked_nll_sum", "chunked_token_logprobs",
+    "count_params", "forward", "forward_cached", "forward_hidden", "head_weight", "init_cache",
     "init_params", "load_hf", "param_logical_axes", "param_shardings",
     "positions_from_mask", "save_hf",
 ]

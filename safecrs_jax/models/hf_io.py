@@ -172,6 +172,24 @@ def _reader(cfg, where, template, stacked, transpose, sds, sharding):
   return read
 
 
+def check_hf(path: str) -> tuple[ModelConfig, dict]:
+  """What load_hf checks, without reading any weights: (config, {"tensors", "files"}).
+
+  The config is supported, every expected tensor is there with its shape and none is
+  extra, and each file holds all the bytes its header promises. Raises as load_hf does
+  (ConfigError, CheckpointError, SafetensorsError, FileNotFoundError), naming the
+  field, tensor or file.
+  """
+  path = os.fspath(path)
+  cfg = ModelConfig.from_hf(path)
+  where = _open_checkpoint(path)
+  _check_tensors(cfg, where, path)
+  files = {sf.path: sf for sf in where.values()}
+  for sf in files.values():
+    sf.check()
+  return cfg, {"tensors": len(where), "files": len(files)}
+
+
 def load_hf(path: str, mesh=None, rules=None, **overrides):
   """Loads a local HF model dir -> (cfg, params).
 

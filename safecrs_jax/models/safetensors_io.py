@@ -48,6 +48,22 @@ class SafeFile:
   def keys(self):
     return self.header.keys()
 
+  def check(self) -> None:
+    """Every tensor's dtype is readable and its bytes match its shape and lie inside the
+    file (a truncated download fails here, without reading any tensor)."""
+    size = os.path.getsize(self.path)
+    for name, info in self.header.items():
+      code = info.get("dtype")
+      if code not in _DTYPES:
+        raise SafetensorsError(f"{self.path}: tensor {name!r} has unsupported dtype {code}")
+      begin, end = info["data_offsets"]
+      if end - begin != tensor_nbytes(info["shape"], _DTYPES[code]):
+        raise SafetensorsError(f"{self.path}: tensor {name!r} byte size does not match "
+                               f"shape {list(info['shape'])} x {code}")
+      if self._base + end > size:
+        raise SafetensorsError(f"{self.path}: truncated: tensor {name!r} ends at byte "
+                               f"{self._base + end}, the file has {size}")
+
   def shape(self, name: str) -> tuple:
     return tuple(self.header[name]["shape"])
 

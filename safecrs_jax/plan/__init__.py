@@ -5,6 +5,7 @@
     plan.preflight(config)     # training start-up: the same check on the real devices
 
   python -m launch.plan --config=configs/llama31.py:stage=gdpo --topology=v5p-16 [--json]
+  python -m launch.plan --config=configs/llama31.py:stage=sft --topology=v5p-16 --num_slices=2
 
 The stage's real programs (programs.py: the Safe-SFT step; Safe-GDPO rollout
 generation, reference log-probs and learner step; evaluation generation) are
@@ -34,11 +35,13 @@ def plan_config(config, devices, *, hbm_bytes=None, only=None) -> list:
   """One row (report.measure) per program of config.stage on `devices`.
 
   The mesh is config.mesh.shape over all `devices` (mesh.num_devices is
-  ignored: the topology decides). hbm_bytes overrides the chip table. only:
+  ignored: the topology decides), one slice's shape when mesh.num_slices > 1
+  (topology_devices(name, num_slices) gives the devices of that many slices). hbm_bytes overrides the chip table. only:
   program names to compile (default all).
   """
   config = config_lib.resolve(config)
-  mesh = shd.make_mesh(shd.as_tuples(config.mesh.shape), devices=list(devices))
+  mesh = shd.make_mesh(shd.as_tuples(config.mesh.shape), devices=list(devices),
+                       num_slices=int(config.mesh.num_slices))
   rules = shd.as_tuples(config.mesh.rules)
   chip = chips.chip_of(devices[0])
   hbm = hbm_bytes if hbm_bytes is not None else (chip.hbm_bytes if chip else None)

@@ -4,6 +4,7 @@
     devices = topology_devices("v5litepod-4")  # 4 TPU v5e devices
     devices = topology_devices("v5p:2x2x2")    # a libtpu topology string as is
     devices = topology_devices("cpu:8")        # 8 host devices (XLA_FLAGS must allow 8)
+    devices = topology_devices("v5p-16", num_slices=2)  # 2 slices over DCN: 16 devices
 
 Cloud names count TensorCores for v4 / v5p (2 per chip; a JAX device is one
 megacore chip) and chips for v5e / v6e. TPU devices come from libtpu's
@@ -62,17 +63,25 @@ def tpu_topology_name(name: str) -> tuple[str, dict]:
   return f"{gen}:{'x'.join(map(str, dims))}", kwargs
 
 
-def topology_devices(name: str) -> list:
-  """The devices of `name` (module docstring), in topology order."""
+def topology_devices(name: str, num_slices: int = 1) -> list:
+  """The devices of `name` (module docstring), in topology order; of num_slices such slices.
+
+  TPU slices are libtpu's multi-slice topology (each device has its slice_index);
+  cpu:N with num_slices=S is S*N host devices, split in order into S stand-in slices.
+  """
+  if num_slices < 1:
+    raise ValueError(f"num_slices={num_slices}: expected 1 or more")
   if name.startswith("cpu:"):
-    n = int(name.split(":", 1)[1])
+    n = int(name.split(":", 1)[1]) * num_slices
     have = jax.devices("cpu")
     if len(have) < n:
-      raise ValueError(f"topology {name}: JAX has {len(have)} CPU devices; start it with "
-                       f"XLA_FLAGS=--xla_force_host_platform_device_count={n} "
+      raise ValueError(f"topology {name} x {num_slices}: JAX has {len(have)} CPU devices; "
+                       f"start it with XLA_FLAGS=--xla_force_host_platform_device_count={n} "
                        "(launch.plan sets this)")
     return list(have[:n])
   topo, kwargs = tpu_topology_name(name)
+  if num_slices > 1:
+    kwargs = dict(kwargs, num_slices=num_slices)
   try:
     return list(topologies.get_topology_desc(platform="tpu", topology_name=topo,
                                              **kwargs).devices)

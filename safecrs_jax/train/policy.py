@@ -4,7 +4,7 @@
     kind = policy.checkpoint_kind(path)                      # "hf" | "step" | "run"
     pol = policy.load_policy(config, path, mesh, rules)     # Policy(model_cfg, params, tokenizer, ...)
     ident = policy.source_identity(config, path)             # what exactly `path` holds
-    policy.export_hf(path, out_dir)                          # orbax step -> HF dir
+    policy.export_hf(path, out_dir)                          # orbax step -> HF dir for serving
 
 Every stage starts its model here: Safe-SFT (from `model.hf_dir` or a random
 preset), Safe-GDPO (from `gdpo.init_checkpoint`), evaluation (each target) and
@@ -20,6 +20,7 @@ verified first (checkpoint.verify): a damaged step is an error naming it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -217,10 +218,42 @@ def load_policy(config, path, mesh=None, rules=None, *, data_dir=None, init_key=
   return Policy(cfg, params, tok, checkpoint.find_step_dir(path), kind)
 
 
+GENERATION_CONFIG = "generation_config.json"
+
+
+def trained_dtype(path) -> str | None:
+  """model.dtype (the compute dtype) of the run that `path` belongs to, from its config.json;
+  None when the run directory has none."""
+  run_dir = checkpoint.run_dir_of(checkpoint.find_step_dir(path))
+  config_file = os.path.join(run_dir or "", "config.json")
+  if run_dir is None or not storage.exists(config_file):
+    return None
+  with storage.open(config_file, encoding="utf-8") as f:
+    return json.load(f).get("model", {}).get("dtype") or None
+
+
+def generation_config(tokenizer) -> dict:
+  """generation_config.json content: the ids our generation stops at (EOS and the chat
+  template's end-of-turn token, tokens.stop_token_ids), so a server stops where we do."""
+  stops = list(tokens.stop_token_ids(tokenizer))
+  out = {"eos_token_id": stops[0] if len(stops) == 1 else stops,
+         "pad_token_id": tokens.pad_id(tokenizer)}
+  if tokenizer.bos_token_id is not None:
+    out["bos_token_id"] = int(tokenizer.bos_token_id)
+  return out
+
+
 def export_hf(path, out_dir, dtype=None):
-  """Writes the orbax checkpoint at `path` (LoRA merged) as an HF model dir + tokenizer."""
+  """Writes the orbax checkpoint at `path` (LoRA merged) as an HF model dir + tokenizer +
+  generation_config.json.
+
+  dtype: of the written weights; None = the run's model.dtype, the dtype it trained in
+  (bfloat16 for the paper configs, so a server's `--dtype auto` serves that; float32 for
+  the demo), else the parameters' own.
+  """
   cfg, params = load_params(path)
-  if dtype:
+  dtype = dtype or trained_dtype(path) or cfg.param_dtype
+  if dtype != cfg.param_dtype:
     cfg = dataclasses.replace(cfg, param_dtype=dtype)
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
   models.save_hf(cfg, params, out_dir)
@@ -228,4 +261,6 @@ def export_hf(path, out_dir, dtype=None):
   if jax.process_index() == 0:
     for name in storage.listdir(tok):
       storage.copy_file(os.path.join(tok, name), os.path.join(out_dir, name))
+    with storage.open(os.path.join(out_dir, GENERATION_CONFIG), "w", encoding="utf-8") as f:
+      json.dump(generation_config(tokens.load_tokenizer(tok)), f, indent=2, sort_keys=True)
   return out_dir
