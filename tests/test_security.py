@@ -307,3 +307,43 @@ def test_strip_format_same_result_without_copies(monkeypatch):
   line = "1. " * 300 + "Heat (1995)"
   assert parsing._strip_format(line) == "Heat (1995)"
   assert len(seen) > 300 and all(t is line for t in seen)
+
+
+# ------------------------------------------------------------------ 5. unverified steps
+def test_step_without_checksums_refused_unless_accepted(tmp_path, capsys):
+  import jax.numpy as jnp
+
+  from safecrs_jax.infra import provenance
+  from safecrs_jax.train import checkpoint
+  state = {"w": jnp.arange(64, dtype=jnp.float32)}
+  with checkpoint.Checkpointer(str(tmp_path / "ck"), save_every=1, async_save=False) as ck:
+    ck.save(1, state, {"epoch": 0})
+  step = tmp_path / "ck" / "1"
+  manifest = step / provenance.MANIFEST
+  assert manifest.exists()
+  manifest.unlink()
+  files = sorted(p for p in (step / "state").rglob("*") if p.is_file() and p.stat().st_size > 8)
+  victim = max(files, key=lambda p: p.stat().st_size)
+  raw = bytearray(victim.read_bytes())
+  raw[-1] ^= 0xFF                                     # flipped bytes, no manifest to notice
+  victim.write_bytes(bytes(raw))
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    checkpoint.check_step(str(step))
+  assert "has no checksums.json" in str(e.value) and "accept_unverified" in str(e.value)
+  assert not manifest.exists()                        # nothing recorded for it
+  ck = checkpoint.Checkpointer(str(tmp_path / "ck"), async_save=False)
+  with pytest.raises(checkpoint.CheckpointError, match="has no checksums.json"):
+    ck.restore_latest(jax_abstract(state))
+  with pytest.raises(checkpoint.CheckpointError, match="has no checksums.json"):
+    checkpoint.load_state_items(str(step), {"w": jax_abstract(state)["w"]})
+  capsys.readouterr()
+  checkpoint.check_step(str(step), accept_unverified=True)
+  assert "accepted unverified" in capsys.readouterr().err
+  assert json.loads(manifest.read_text())          # recorded from a fresh read
+  checkpoint.check_step(str(step))                 # and now verified against it
+  ck.close()
+
+
+def jax_abstract(tree):
+  import jax
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)

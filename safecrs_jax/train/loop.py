@@ -139,7 +139,7 @@ def open_checkpointer(config, workdir):
   return checkpoint.Checkpointer(
       os.path.join(workdir, checkpoint.CHECKPOINTS), save_every=ck.save_every,
       keep=ck.keep, async_save=ck.async_save, verify=ck.verify,
-      save_every_minutes=ck.save_every_minutes)
+      save_every_minutes=ck.save_every_minutes, accept_unverified=ck.accept_unverified)
 
 
 def restore_or_init(ckpt, abstract_state, fingerprint, init_fn, *, overwrite=False):
