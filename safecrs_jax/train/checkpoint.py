@@ -217,6 +217,15 @@ class Checkpointer:
                             + "; ".join(detail))
     return data
 
+  def read_data(self, step):
+    """The JSON data item saved with `step` (data position, fingerprint, log window)."""
+    try:
+      return self._mngr.restore(step, args=ocp.args.Composite(
+          data=ocp.args.JsonRestore()))["data"]
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"checkpoint {os.path.join(self.directory, str(step))} has no "
+                            f"readable data item: {_one_line(e)}") from None
+
   def restore(self, step, abstract_state, fingerprint=None):
     """(state, data) of `step`, restored into `abstract_state`'s shardings."""
     where = os.path.join(self.directory, str(step))
