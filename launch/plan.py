@@ -17,7 +17,8 @@ import sys
 # hardware and cloud metadata for minutes) and give cpu:N its N devices.
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["TPU_SKIP_MDS_QUERY"] = "1"
-_cpu = [m.group(1) for a in sys.argv for m in [re.fullmatch(r"--topology=cpu:(\d+)", a)] if m]
+_cpu = [m.group(1) for a in sys.argv for m in [re.fullmatch(r"--topology=cpu:([1-9]\d*)", a)]
+        if m]
 if _cpu and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + f" --xla_force_host_platform_device_count={_cpu[0]}").strip()
@@ -43,7 +44,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = launch.typed_config(_CONFIG.value)
-  devices = plan.topology_devices(_TOPOLOGY.value)
+  try:
+    devices = plan.topology_devices(_TOPOLOGY.value)
+  except ValueError as e:
+    raise app.UsageError(f"--topology={_TOPOLOGY.value}: {e}") from None
   rows = plan.plan_config(config, devices, only=_ONLY.value,
                           hbm_bytes=int(_HBM.value * (1 << 30)) if _HBM.value else None)
   ok, message = plan.verdict(rows, config)
@@ -59,4 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run(main)

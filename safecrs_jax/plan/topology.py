@@ -65,7 +65,10 @@ def tpu_topology_name(name: str) -> tuple[str, dict]:
 def topology_devices(name: str) -> list:
   """The devices of `name` (module docstring), in topology order."""
   if name.startswith("cpu:"):
-    n = int(name.split(":", 1)[1])
+    n = name.split(":", 1)[1]
+    if not n.isdigit() or int(n) < 1:
+      raise ValueError(f"topology {name!r}: cpu:N needs a device count N >= 1, e.g. cpu:8")
+    n = int(n)
     have = jax.devices("cpu")
     if len(have) < n:
       raise ValueError(f"topology {name}: JAX has {len(have)} CPU devices; start it with "

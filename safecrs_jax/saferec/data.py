@@ -165,7 +165,15 @@ def find_split(data_dir: str, split: str, stage: str = "sft") -> str:
       return path
     if storage.isfile(path):
       return path
-  raise FileNotFoundError(f"no {stage} split {split!r} under {data_dir}; tried:\n  " + "\n  ".join(tried))
+  roots = sorted({os.path.dirname(p) for p in tried})
+  found = sorted({n.removesuffix(".jsonl") for r in roots if storage.isdir(r)
+                  for n in storage.listdir(r)
+                  if (n.endswith(".jsonl") and n != ORACLE_TABLE)
+                  or storage.exists(os.path.join(r, n, "dataset_info.json"))})
+  raise FileNotFoundError(
+      f"no {stage} split {split!r} under {data_dir} (splits there: "
+      f"{', '.join(found) if found else 'none'}; looked for {split} and {split}.jsonl in "
+      f"{', '.join(roots)})")
 
 
 def read_raw_rows(path: str, line_numbers: bool = False):
