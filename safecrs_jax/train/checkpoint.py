@@ -27,9 +27,11 @@ different model / optimiser / LoRA setting, raises `CheckpointError` naming the
 directory — it never silently starts over. Loading a whole model from a step
 (config, tokenizer, LoRA merge) is `policy.load_policy`.
 """
+import errno
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 
@@ -95,6 +97,14 @@ def _metadata_signature(meta_tree):
                      str(np.dtype(dtype)) if dtype is not None else None)
   visit(meta_tree, "")
   return out
+
+
+def _own_bytes(leaf):
+  """Bytes this process writes for one leaf (its shards with replica id 0)."""
+  shards = getattr(leaf, "addressable_shards", None)
+  if shards is None:
+    return int(getattr(leaf, "nbytes", 0) or 0)
+  return sum(int(sh.data.nbytes) for sh in shards if sh.replica_id == 0)
 
 
 def _normalise_keys(sig):
@@ -163,6 +173,7 @@ class Checkpointer:
     if not force and not self.should_save(step):
       return False
     self.seal()
+    self._check_space(step, state)
     started = self._mngr.save(int(step), force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data))))
     if started:
@@ -171,6 +182,19 @@ class Checkpointer:
       if not self._async:
         self.seal()
     return started
+
+  def _check_space(self, step, state):
+    """ENOSPC before orbax starts a save that cannot fit on a local disk: its background
+    threads would fail in the middle of the step (a half-written temporary step and
+    hundreds of lines of tracebacks) instead of this one error."""
+    if storage.is_remote(self.directory) or not os.path.isdir(self.directory):
+      return
+    need = sum(_own_bytes(x) for x in jax.tree.leaves(state))
+    free = shutil.disk_usage(self.directory).free
+    if free < need + (1 << 20):
+      where = os.path.join(self.directory, str(step))
+      raise OSError(errno.ENOSPC, f"No space left on device (checkpoint step {step} needs "
+                    f"about {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free)", where)
 
   def seal(self):
     """Waits for pending saves, then writes checksums.json of each finished step."""
