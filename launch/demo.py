@@ -31,6 +31,8 @@ _SIZE = flags.DEFINE_enum("size", "tiny", ["tiny", "test"],
 _SET = flags.DEFINE_multi_string(
     "set", [], "Config override for every stage, e.g. --set=sft.num_steps=600 "
     "--set=gdpo.num_steps=80 (repeatable; scale the demo up or down).")
+flags.register_validator("set", lambda items: all("=" in i for i in items),
+                         "--set takes field=value, e.g. --set=sft.num_steps=600")
 _EVAL_ROWS = flags.DEFINE_integer("eval_rows", -1, "Evaluate only the first N test rows (-1: all).")
 _CHECK = flags.DEFINE_bool("check", False,
                            "Exit with status 1 unless GDPO clearly beats SFT on SVR@10 and on "
@@ -64,4 +66,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run(main)

@@ -48,6 +48,8 @@ _SUITE = flags.DEFINE_enum("suite", "saferec", ["saferec", "relational"],
                            "saferec: the split's own metrics; relational: the relational suite.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where reports and generations go.")
 flags.mark_flags_as_required(["config", "workdir"])
+flags.register_validator("steps", lambda v: v is None or all(s.isdigit() for s in v),
+                         "--steps takes step numbers, e.g. --steps=100,200")
 
 
 def _named_runs(items):
@@ -103,4 +105,4 @@ def _relational(config):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run(main)

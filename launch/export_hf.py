@@ -25,6 +25,9 @@ _CKPT = flags.DEFINE_string("checkpoint", None, "run dir, checkpoints/ dir or st
 _OUT = flags.DEFINE_string("out", None, "output HF directory (config.json, safetensors, tokenizer)")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                            "dtype of the exported weights (default: the run's model.dtype)")
+_ACCEPT = flags.DEFINE_bool("accept_unverified", False,
+                            "Accept a step without checksums.json (its files cannot be "
+                            "verified): record its checksums as they are now, with a warning.")
 flags.mark_flags_as_required(["checkpoint", "out"])
 
 
@@ -35,10 +38,11 @@ def main(argv):
   sharding.maybe_initialize_distributed()
   with launch.clear_errors():
     step_dir = checkpoint.find_step_dir(_CKPT.value)
-    out = policy.export_hf(step_dir, _OUT.value, dtype=_DTYPE.value)
+    out = policy.export_hf(step_dir, _OUT.value, dtype=_DTYPE.value,
+                           accept_unverified=_ACCEPT.value)
   if sharding.is_main_process():
     print(f"exported step {os.path.basename(step_dir)} ({step_dir}) -> {out}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run(main)

@@ -20,7 +20,8 @@ import sys
 # hardware and cloud metadata for minutes) and give cpu:N its N devices.
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["TPU_SKIP_MDS_QUERY"] = "1"
-_cpu = [m.group(1) for a in sys.argv for m in [re.fullmatch(r"--topology=cpu:(\d+)", a)] if m]
+_cpu = [m.group(1) for a in sys.argv for m in [re.fullmatch(r"--topology=cpu:([1-9]\d*)", a)]
+        if m]
 _slices = [m.group(1) for a in sys.argv for m in [re.fullmatch(r"--num_slices=(\d+)", a)] if m]
 if _cpu and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   _n = int(_cpu[0]) * max(1, int(_slices[0]) if _slices else 1)
@@ -51,7 +52,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   slices = {"mesh.num_slices": _SLICES.value} if _SLICES.value else {}
   config = launch.typed_config(_CONFIG.value, **slices)
-  devices = plan.topology_devices(_TOPOLOGY.value, int(config.mesh.num_slices))
+  try:
+    devices = plan.topology_devices(_TOPOLOGY.value, int(config.mesh.num_slices))
+  except ValueError as e:
+    raise app.UsageError(f"--topology={_TOPOLOGY.value}: {e}") from None
   rows = plan.plan_config(config, devices, only=_ONLY.value,
                           hbm_bytes=int(_HBM.value * (1 << 30)) if _HBM.value else None)
   ok, message = plan.verdict(rows, config)
@@ -70,4 +74,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  launch.run(main)

@@ -159,3 +159,36 @@ def test_sigterm_makes_train_gdpo_exit_143_quietly(cache, sft_straight, tmp_path
   assert "SIGTERM at step" in out + err
   assert not [line for line in err.splitlines() if line.startswith("I") and "orbax" in line]
   assert not (work / ".lock").exists()
+
+
+_TIMING = ("time", "train/tokens_per_s", "train/step_time_s")
+
+
+def _comparable_rows(workdir):
+  """metrics.jsonl rows without the fields that measure time or memory."""
+  return [{k: v for k, v in r.items() if k not in _TIMING and not k.startswith(
+      ("time/", "perf/", "mem/"))} for r in metrics_log.read_jsonl(os.path.join(workdir,
+                                                                               "metrics.jsonl"))]
+
+
+def test_metrics_after_a_resume_equal_a_straight_run_row_for_row(cache, tmp_path):
+  """log.every=4, SIGTERM at step 3: the preemption row is marked, and the resumed run's rows
+  (its first train/loss averages steps 1-4, as the straight run's) equal the straight run's."""
+  spec = _sft_spec(cache, tmp_path / "straight", **{"log.every": 4,
+                                                     "checkpoint.save_every": 100})
+  sft.train(fault_driver.config_of(spec), str(tmp_path / "straight"))
+
+  def sigterm_at_3(step, state):
+    del state
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+  cfg = fault_driver.config_of(spec)
+  killed = sft.train(cfg, str(tmp_path / "resumed"), step_hook=sigterm_at_3)
+  assert killed["preempted"] and killed["final_step"] == 3
+  sft.train(fault_driver.config_of(spec), str(tmp_path / "resumed"))
+  straight, resumed = _comparable_rows(tmp_path / "straight"), _comparable_rows(
+      tmp_path / "resumed")
+  cut = [r for r in resumed if r.get("preempted")]
+  assert [r["step"] for r in cut] == [3] and "train/loss" in cut[0]
+  assert [r for r in resumed if not r.get("preempted")] == straight
+  assert [r["step"] for r in straight if "train/loss" in r] == [4, 6]

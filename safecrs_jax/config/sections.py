@@ -109,6 +109,7 @@ class Checkpoint(Section):
   keep: int = 3                  # checkpoints kept
   async_save: bool = True        # write checkpoints in the background
   verify: bool = True            # check each step's checksums.json on restore / load / export
+  accept_unverified: bool = False  # accept a step without checksums.json (records one, warns)
   overwrite: bool = False        # a workdir holding another run's checkpoints: discard them
 
 

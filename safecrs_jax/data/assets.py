@@ -9,13 +9,16 @@ Built assets live in a cache folder (data.cache_dir, else $SAFECRS_CACHE, else
 ~/.cache/safecrs_jax). Each is built into a temporary sibling folder and
 renamed into place, so concurrent or crashed builds never leave half an asset:
 a finished folder is complete by construction; a failed build (an exception,
-or a tokenizer asked for an empty split) is never cached. Shared by SFT,
+or a tokenizer asked for an empty split) is never cached, and its temporary
+folder is removed (on an exception or Ctrl-C at once, after a kill by the next
+build on the same host). Shared by SFT,
 GDPO and evaluation.
 """
 import glob
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
 
 from safecrs_jax import saferec
@@ -51,7 +54,11 @@ def build_once(final_dir, build_fn):
     return final_dir
   parent = os.path.dirname(final_dir)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(final_dir) + ".tmp-", dir=parent)
+  _sweep_stale(final_dir)
+  # The temp folder names its host and process: a build killed outright (SIGKILL, or SIGTERM
+  # outside a training loop: no `finally` runs) is removed by the next build on that host.
+  tmp = tempfile.mkdtemp(prefix=f"{os.path.basename(final_dir)}.tmp-{_HOST}-{os.getpid()}-",
+                         dir=parent)
   try:
     build_fn(tmp)
     try:
@@ -63,6 +70,28 @@ def build_once(final_dir, build_fn):
     if os.path.isdir(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
   return final_dir
+
+
+_HOST = socket.gethostname().replace("-", "_") or "host"
+
+
+def _sweep_stale(final_dir):
+  """Removes temp folders of `final_dir` left by dead processes of this host."""
+  prefix = f"{os.path.basename(final_dir)}.tmp-{_HOST}-"
+  for path in glob.glob(os.path.join(glob.escape(os.path.dirname(final_dir)), prefix + "*")):
+    pid = os.path.basename(path)[len(prefix):].split("-")[0]
+    if pid.isdigit() and not _alive(int(pid)):
+      shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
 
 
 def _mini_version():

@@ -22,6 +22,9 @@ Rows longer than `max_length` are truncated by `encode_sft(truncation=...)`:
 Both count rows whose prompt lost tokens and rows whose completion was cut.
 """
 import dataclasses
+import json
+import os
+import sys
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
@@ -43,15 +46,35 @@ CHATML_TEMPLATE = (
 )
 
 
+class TokenizerError(ValueError):
+  """A tokenizer directory that cannot be read (damaged file, no chat template)."""
+
+
 def load_tokenizer(path):
   """Loads the HF tokenizer saved in directory `path` (no network)."""
   if not path or not storage.isdir(path):
     raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
   path = storage.local_copy(path)   # remote: HF reads local files only
-  tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+  try:
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+  except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a bad file
+    raise TokenizerError(f"cannot read the tokenizer in {path}: {_damaged(path, e)}") from None
   if not getattr(tok, "chat_template", None):
-    raise ValueError(f"tokenizer in {path!r} has no chat_template; SFT needs one")
+    raise TokenizerError(f"tokenizer in {path!r} has no chat_template; SFT needs one")
   return tok
+
+
+def _damaged(path, error):
+  """The error of loading a tokenizer directory, naming the file at fault where one is."""
+  for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    file = os.path.join(path, name)
+    if os.path.isfile(file):
+      try:
+        with open(file, encoding="utf-8") as f:
+          json.load(f)
+      except (ValueError, UnicodeDecodeError) as e:
+        return f"{file} is not valid JSON ({e})"
+  return " ".join(f"{type(error).__name__}: {error}".split())
 
 
 def end_of_turn_id(tokenizer):
@@ -250,10 +273,30 @@ def encode_prompts(tokenizer, prompts, *, max_prompt_length, buckets, length=Non
 # --------------------------------------------------------------------------
 # The offline demo tokenizer.
 
+# What the demo tokenizer trains on, bounded so that a hostile row cannot stall the build:
+# BPE training on one long word costs about the square of its length (a 1 MB field without
+# spaces: minutes). Each field is cut to its first MAX_FIELD_CHARS characters and training
+# stops after MAX_TRAIN_CHARS in all; both far above real data (SafeRec-mini's longest field
+# is ~260 characters), which is used whole and unchanged.
+MAX_FIELD_CHARS = 1 << 15
+MAX_TRAIN_CHARS = 1 << 28
+_REPORT_CHARS = 1 << 23     # a build over this many characters prints what it does
+
+
 def _training_texts(texts):
+  """(the non-empty texts, each cut to MAX_FIELD_CHARS, up to MAX_TRAIN_CHARS in all;
+  the number of fields cut; whether the total cap was reached)."""
+  out, total, cut = [], 0, 0
   for t in texts:
-    if t:
-      yield t
+    if not t:
+      continue
+    if len(t) > MAX_FIELD_CHARS:
+      t, cut = t[:MAX_FIELD_CHARS], cut + 1
+    if total + len(t) > MAX_TRAIN_CHARS:
+      return out, cut, True
+    out.append(t)
+    total += len(t)
+  return out, cut, False
 
 
 def build_local_tokenizer(texts, out_dir, vocab_size=2048):
@@ -274,7 +317,15 @@ def build_local_tokenizer(texts, out_dir, vocab_size=2048):
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                 initial_alphabet=alphabet, show_progress=False,
                                 min_frequency=2)
-  tok.train_from_iterator(_training_texts(texts), trainer=trainer)
+  train_texts, cut, full = _training_texts(texts)
+  size = sum(map(len, train_texts))
+  if cut or full or size > _REPORT_CHARS:
+    print(f"local tokenizer: training a {vocab_size}-token BPE on {len(train_texts)} texts "
+          f"({size / 1e6:.1f}M characters; {cut} fields cut to {MAX_FIELD_CHARS} characters"
+          + (f", stopped at {MAX_TRAIN_CHARS} characters" if full else "") + ")",
+          file=sys.stderr, flush=True)
+    trainer.show_progress = sys.stderr.isatty()
+  tok.train_from_iterator(train_texts, trainer=trainer)
   fast = PreTrainedTokenizerFast(
       tokenizer_object=tok, eos_token=ENDOFTEXT, pad_token=ENDOFTEXT,
       bos_token=None, unk_token=None, additional_special_tokens=[IM_START, IM_END],

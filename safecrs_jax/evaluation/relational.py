@@ -41,7 +41,7 @@ from safecrs_jax.data import assets, tokens
 from safecrs_jax.evaluation import generate as gen
 from safecrs_jax.evaluation import report as rep
 from safecrs_jax.evaluation import runner
-from safecrs_jax.infra import provenance, run_lock
+from safecrs_jax.infra import provenance, run_lock, storage
 from safecrs_jax.infra import sharding as shd
 from safecrs_jax.saferec import relational as rel
 from safecrs_jax.saferec.parsing import parse_all
@@ -179,7 +179,7 @@ def _suite_config(config, tokenizer, prompts):
 
 
 def _write_generations(path, suite, row_to_prompt, done, parsed):
-  with open(path, "w", encoding="utf-8") as f:
+  with storage.open(path, "w", encoding="utf-8") as f:
     for n, row in enumerate(suite):
       pid = row_to_prompt[n]
       rec = {k: row.get(k) for k in _ROW_FIELDS}
@@ -241,9 +241,12 @@ def evaluate_relational(config, targets, workdir, *, split=None, mesh=None, rule
   """
   if not targets:
     raise ValueError("evaluate_relational: no model to evaluate")
-  bad = [n for n in targets if not n or os.sep in n or n in (SUITE_DIR, "..", ".")]
-  if bad:
-    raise ValueError(f"evaluate_relational: model names {bad} cannot be folder names")
+  for name in targets:                     # names become folders: before any work
+    storage.check_name(name, "model name")
+    if name == SUITE_DIR:
+      raise storage.UnsafePathError(f"model name {name!r} is the suite's own folder")
+  if split is not None:
+    storage.check_name(split, "split")
   config = config_lib.resolve(config)
   with run_lock.hold(workdir):
     if mesh is None:
@@ -253,7 +256,7 @@ def evaluate_relational(config, targets, workdir, *, split=None, mesh=None, rule
     suite, _, oracle = build_suite(config, os.path.join(workdir, SUITE_DIR))
     reports = {}
     for name, target in resolved.items():
-      out_dir = os.path.join(workdir, name)
+      out_dir = storage.confined(workdir, name)
       os.makedirs(out_dir, exist_ok=True)
       reports[name] = evaluate_model(config, target, suite, oracle, out_dir, mesh=mesh,
                                      rules=rules, progress=progress)

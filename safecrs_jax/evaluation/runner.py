@@ -197,7 +197,7 @@ def _setup(config, split, mesh, rules):
   evaluation call."""
   if mesh is None:
     mesh, rules = shd.mesh_from_config(config)
-  split = split or config.eval.split
+  split = storage.check_name(split or config.eval.split, "split")   # a folder of the outputs
   config = config_lib.override(config, "eval.split", split)
   return (config, mesh, rules, split) + tuple(load_eval_data(config, split))
 
@@ -205,10 +205,10 @@ def _setup(config, split, mesh, rules):
 def _evaluate(config, checkpoint_path, split, workdir, steps, mesh, rules, progress):
   config, mesh, rules, split, rows, oracle, catalog = _setup(config, split, mesh, rules)
   targets = resolve_targets(checkpoint_path, steps)
-  base = os.path.join(workdir, split)
+  base = storage.confined(workdir, split)
   reports = []
   for target in targets:
-    out_dir = os.path.join(base, target.name)
+    out_dir = storage.confined(base, target.name)
     storage.makedirs(out_dir)
     reports.append(evaluate_target(config, target, rows, oracle, catalog, out_dir,
                                    mesh=mesh, rules=rules, progress=progress))
@@ -225,6 +225,8 @@ def compare(config, named_paths, *, workdir, split=None, mesh=None, rules=None, 
   comparison goes to <workdir>/<split>/comparison.md and models.png (one bar
   per run and headline metric). Returns {name: report}.
   """
+  for name in named_paths:               # names become folders: before any work
+    storage.check_name(name, "--runs name")
   config = config_lib.resolve(config)
   with run_lock.hold(workdir):
     return _compare(config, named_paths, workdir, split, mesh, rules, progress)
@@ -235,12 +237,12 @@ def _compare(config, named_paths, workdir, split, mesh, rules, progress):
   reports = {}
   for name, path in named_paths.items():
     target = resolve_targets(path)[-1]
-    out_dir = os.path.join(workdir, name, split, target.name)
+    out_dir = storage.confined(workdir, name, split, target.name)
     storage.makedirs(out_dir)
     reports[name] = evaluate_target(config, target, rows, oracle, catalog, out_dir,
                                     mesh=mesh, rules=rules, progress=progress)
   if jax.process_index() == 0:
-    out = os.path.join(workdir, split)
+    out = storage.confined(workdir, split)
     storage.makedirs(out)
     with storage.open(os.path.join(out, "comparison.md"), "w", encoding="utf-8") as f:
       f.write(rep.comparison_table(reports) + "\n")

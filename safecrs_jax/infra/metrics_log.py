@@ -44,9 +44,11 @@ class JsonlWriter:
       _truncate_after(path, int(resume_step))
     self._f = storage.open(path, "a", encoding="utf-8")
 
-  def write(self, step, metrics):
+  def write(self, step, metrics, marks=None):
+    """marks: JSON fields written as they are (e.g. {"preempted": True}); JSON lines only."""
     rec = {"step": int(step), "time": time.time()}
     rec.update({k: _scalar(v) for k, v in metrics.items()})
+    rec.update(marks or {})
     self._f.write(json.dumps(rec) + "\n")
     self._f.flush()
 
@@ -142,11 +144,16 @@ class MetricWriter:
       self._writers.append(WandbWriter(workdir, project=wandb_project, mode=wandb_mode,
                                        config=wandb_config))
 
-  def write(self, step, metrics):
+  def write(self, step, metrics, marks=None):
+    """marks: fields that describe the row rather than measure (e.g. {"preempted": True}:
+    its window was cut short); written to metrics.jsonl only."""
     if not self.enabled or not metrics:
       return
     for w in self._writers:
-      w.write(step, metrics)
+      if isinstance(w, JsonlWriter):
+        w.write(step, metrics, marks)
+      else:
+        w.write(step, metrics)
 
   def close(self):
     for w in self._writers:
@@ -158,6 +165,37 @@ class MetricWriter:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def window_to_json(outs):
+  """The per-step outputs of an open logging window (nested tuples / lists / dicts of
+  scalars and arrays) as JSON, exactly: saved with a checkpoint so that the first row after
+  a resume averages the same steps as a straight run (`window_from_json` reverses it)."""
+  def enc(x):
+    if isinstance(x, dict):
+      return {"dict": {str(k): enc(v) for k, v in x.items()}}
+    if isinstance(x, (list, tuple)):
+      return {"tuple" if isinstance(x, tuple) else "list": [enc(v) for v in x]}
+    if x is None or isinstance(x, (bool, int, float, str)):
+      return {"py": x}
+    arr = np.asarray(x)
+    return {"array": arr.tolist(), "dtype": arr.dtype.name}
+  return [enc(o) for o in jax.device_get(list(outs))]
+
+
+def window_from_json(saved):
+  """The outputs `window_to_json` saved ([] for None: a checkpoint without a window)."""
+  def dec(x):
+    if "dict" in x:
+      return {k: dec(v) for k, v in x["dict"].items()}
+    if "tuple" in x:
+      return tuple(dec(v) for v in x["tuple"])
+    if "list" in x:
+      return [dec(v) for v in x["list"]]
+    if "py" in x:
+      return x["py"]
+    return np.asarray(x["array"], dtype=jax.numpy.dtype(x["dtype"]))
+  return [dec(o) for o in saved or ()]
 
 
 def read_jsonl(path):

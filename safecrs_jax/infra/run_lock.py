@@ -83,8 +83,13 @@ def acquire(workdir):
       with contextlib.suppress(FileNotFoundError):
         os.remove(path)
       continue
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      json.dump(_me(), f)
+    try:
+      with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(_me(), f)
+    except BaseException:       # e.g. a full disk: leave no empty lock behind
+      with contextlib.suppress(OSError):
+        os.remove(path)
+      raise
     return path
   raise LockError(f"could not take the lock {path}")
 

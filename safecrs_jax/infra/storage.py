@@ -21,6 +21,7 @@ import glob as globlib
 import hashlib
 import io
 import os
+import re
 import shutil
 import tempfile
 
@@ -134,9 +135,105 @@ class _RemoteAppend(io.StringIO):
     super().close()
 
 
+class UnsafePathError(ValueError):
+  """A path the stack refuses to write: outside its work directory, or through a link."""
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def check_name(name, what):
+  """`name` if it is safe as one folder / file name (letters, digits, '.', '_', '-', not
+  starting with '.'), else an UnsafePathError naming `what` (e.g. "--runs name")."""
+  if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name):
+    raise UnsafePathError(f"{what} {name!r} cannot be a folder name: use letters, digits, "
+                          "'.', '_' and '-', not starting with '.'")
+  return name
+
+
+def confined(root, *parts):
+  """os.path.join(root, *parts), refused (UnsafePathError) unless it lies inside `root`
+  once '..' and (local) symbolic links are resolved."""
+  path = os.path.join(root, *parts)
+  if is_remote(root):
+    inside = ".." not in os.path.normpath(os.path.relpath(path, root)).split(os.sep) \
+        and not any(os.path.isabs(p) for p in parts)
+  else:
+    base, real = os.path.realpath(root), os.path.realpath(path)
+    inside = real == base or real.startswith(base.rstrip(os.sep) + os.sep)
+  if not inside:
+    raise UnsafePathError(f"{path} lies outside the work directory {root}")
+  return path
+
+
+class _ReplacingWrite:
+  """A local file written to a temp file beside `path` and renamed over it on close.
+
+  The rename replaces whatever entry `path` is (a symlink included) instead of
+  writing through it into the link's target, and readers never see half a file.
+  Leaving the block on an exception discards the temp file and keeps the old one.
+  """
+
+  def __init__(self, path, mode, encoding, errors, newline):
+    self._path = path
+    self._tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                             f".{os.path.basename(path)}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    # O_EXCL: never through an existing entry; 0o666 & umask like a plain open.
+    fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+      self._f = os.fdopen(fd, mode.replace("x", "w"), encoding=encoding, errors=errors,
+                          newline=newline)
+    except BaseException:
+      os.close(fd)
+      os.unlink(self._tmp)
+      raise
+
+  def __getattr__(self, name):
+    return getattr(self._f, name)
+
+  def __iter__(self):
+    return iter(self._f)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    if exc_type is None:
+      self.close()
+    else:
+      self.discard()
+
+  def close(self):
+    if self._f.closed:
+      return
+    try:
+      self._f.close()
+      os.replace(self._tmp, self._path)
+    except BaseException:
+      self.discard()
+      raise
+
+  def discard(self):
+    if not self._f.closed:
+      self._f.close()
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(self._tmp)
+
+
 def open(path, mode="r", encoding=None, errors=None, newline=None):  # noqa: A001
-  """`builtins.open` locally; `epath.Path.open` remotely (UTF-8; append emulated)."""
+  """`builtins.open` locally; `epath.Path.open` remotely (UTF-8; append emulated).
+
+  Local writes never go through a symlink: "w" / "x" write a temp file and rename it over
+  `path` (a link there is replaced, see `_ReplacingWrite`; "x" still refuses an existing
+  file), and "a" refuses a link (`UnsafePathError`).
+  """
   if not is_remote(path):
+    if "w" in mode or "x" in mode:
+      if "x" in mode and os.path.lexists(path):
+        raise FileExistsError(f"{path} exists")
+      return _ReplacingWrite(path, mode, encoding, errors, newline)
+    if "a" in mode and os.path.islink(path):
+      raise UnsafePathError(f"refusing to append to {path}: it is a symbolic link")
     return builtins.open(path, mode, encoding=encoding, errors=errors, newline=newline)
   if "a" in mode:
     if "b" in mode:
@@ -157,15 +254,15 @@ def write_atomic(path, data):
     with open(path, mode) as f:
       f.write(data)
     return
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with builtins.open(tmp, mode, encoding=enc) as f:
+  with open(path, mode, encoding=enc) as f:   # temp file + rename: a symlink is replaced
     f.write(data)
-  os.replace(tmp, path)
 
 
 def copy_file(src, dst):
   """Copies one file across backends."""
   if not is_remote(src) and not is_remote(dst):
+    if os.path.islink(dst):     # replace a link, never write through it
+      os.unlink(dst)
     shutil.copy2(src, dst)
     return
   with open(src, "rb") as fi, open(dst, "wb") as fo:

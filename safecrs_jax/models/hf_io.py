@@ -88,10 +88,20 @@ def _open_checkpoint(path: str) -> dict[str, st.SafeFile]:
   where: dict[str, st.SafeFile] = {}
   if storage.exists(index_path):
     with storage.open(index_path, encoding="utf-8") as f:
-      weight_map = json.load(f).get("weight_map")
+      try:
+        weight_map = json.load(f)
+      except json.JSONDecodeError as e:
+        raise CheckpointError(f"{index_path}: not valid JSON ({e})") from None
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
     if not isinstance(weight_map, dict):
       raise CheckpointError(f"{index_path}: no 'weight_map'")
     for name, fname in weight_map.items():
+      # A file of this directory: no absolute path, no '..' (links inside the directory, as
+      # in a Hugging Face cache snapshot, are fine).
+      if (not isinstance(fname, str) or not fname or os.path.isabs(fname)
+          or ".." in fname.replace("\\", "/").split("/")):
+        raise CheckpointError(f"{index_path}: weight_map[{name!r}] = {fname!r} is not a file "
+                              f"name inside {path}")
       sf = open_file(fname)
       if name not in sf.header:
         raise CheckpointError(f"tensor {name!r} is listed in {index_path} but missing "

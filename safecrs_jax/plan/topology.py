@@ -72,7 +72,10 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
   if num_slices < 1:
     raise ValueError(f"num_slices={num_slices}: expected 1 or more")
   if name.startswith("cpu:"):
-    n = int(name.split(":", 1)[1]) * num_slices
+    n = name.split(":", 1)[1]
+    if not n.isdigit() or int(n) < 1:
+      raise ValueError(f"topology {name!r}: cpu:N needs a device count N >= 1, e.g. cpu:8")
+    n = int(n) * num_slices
     have = jax.devices("cpu")
     if len(have) < n:
       raise ValueError(f"topology {name} x {num_slices}: JAX has {len(have)} CPU devices; "

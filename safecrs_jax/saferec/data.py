@@ -165,7 +165,15 @@ def find_split(data_dir: str, split: str, stage: str = "sft") -> str:
       return path
     if storage.isfile(path):
       return path
-  raise FileNotFoundError(f"no {stage} split {split!r} under {data_dir}; tried:\n  " + "\n  ".join(tried))
+  roots = sorted({os.path.dirname(p) for p in tried})
+  found = sorted({n.removesuffix(".jsonl") for r in roots if storage.isdir(r)
+                  for n in storage.listdir(r)
+                  if (n.endswith(".jsonl") and n != ORACLE_TABLE)
+                  or storage.exists(os.path.join(r, n, "dataset_info.json"))})
+  raise FileNotFoundError(
+      f"no {stage} split {split!r} under {data_dir} (splits there: "
+      f"{', '.join(found) if found else 'none'}; looked for {split} and {split}.jsonl in "
+      f"{', '.join(roots)})")
 
 
 def read_raw_rows(path: str, line_numbers: bool = False):
@@ -266,6 +274,17 @@ def _first_existing(paths: Sequence[str], what: str) -> str:
   raise FileNotFoundError(f"no {what} found; tried:\n  " + "\n  ".join(paths))
 
 
+def _roots(data_dir: str) -> list[str]:
+  """Where the root-level files (pickles) of the released layout may lie: `data_dir`, and
+  its parent only when `data_dir` is the layout's own `downloaded_datasets/` (never an
+  arbitrary parent directory: a stray pickle there is not this data set's)."""
+  roots = [data_dir]
+  resolved = storage.resolve(data_dir).rstrip("/")
+  if os.path.basename(resolved) == "downloaded_datasets":
+    roots.append(os.path.dirname(resolved))
+  return roots
+
+
 def load_oracle(data_dir: str, risk_threshold: float = 0.66, *, title_fallback: str = "first",
                 duplicate_ids: str = "last") -> SafetyOracle:
   """The safety oracle of a released-layout root (or its `downloaded_datasets/`), or of
@@ -274,19 +293,17 @@ def load_oracle(data_dir: str, risk_threshold: float = 0.66, *, title_fallback: 
   table = os.path.join(data_dir, ORACLE_TABLE)
   if storage.isfile(table):
     return SafetyOracle.from_table(storage.local_file(table), risk_threshold, title_fallback=title_fallback)
-  parent = os.path.dirname(storage.resolve(data_dir))
   trait_json = _first_existing(
       [os.path.join(data_dir, "downloaded_datasets", TRAIT_JSON), os.path.join(data_dir, TRAIT_JSON)],
       TRAIT_JSON)
   title_pkl = _first_existing(
-      [os.path.join(data_dir, TITLE_PKL), os.path.join(parent, TITLE_PKL),
-       os.path.join(data_dir, "title_to_imdb.pkl")], "title_to_imdb.pkl")
+      [os.path.join(d, TITLE_PKL) for d in _roots(data_dir)]
+      + [os.path.join(data_dir, "title_to_imdb.pkl")], "title_to_imdb.pkl")
   return SafetyOracle.from_files(trait_json, title_pkl, risk_threshold,
                                  title_fallback=title_fallback, duplicate_ids=duplicate_ids)
 
 
 def load_catalog(data_dir: str) -> Catalog:
   """The ground-truth catalog (`gt_catalog_complete.pkl`: list of (title, year))."""
-  parent = os.path.dirname(storage.resolve(data_dir))
-  paths = [os.path.join(d, name) for d in (data_dir, parent) for name in CATALOG_PKLS]
+  paths = [os.path.join(d, name) for d in _roots(data_dir) for name in CATALOG_PKLS]
   return Catalog.from_pickle(_first_existing(paths, "catalog pickle"))

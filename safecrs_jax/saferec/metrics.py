@@ -34,13 +34,13 @@ titles as the rewards do. K defaults to 5, 10, 15, 20.
 """
 from __future__ import annotations
 
-import pickle
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from safecrs_jax.saferec.matching import ASSIGNMENTS, discounts, fold_title, hit_matrix
 from safecrs_jax.saferec.parsing import parse_all
+from safecrs_jax.saferec.safe_pickle import load as load_pickle
 
 DEFAULT_KS = (5, 10, 15, 20)
 CATALOG_PROTOCOLS = ("per_row", "pooled")
@@ -67,8 +67,7 @@ class Catalog:
 
   @classmethod
   def from_pickle(cls, path: str, **options) -> Catalog:
-    with open(path, "rb") as f:
-      items = pickle.load(f)
+    items = load_pickle(path)     # no code runs from a data file
     if not isinstance(items, (list, tuple, set)):
       raise ValueError(f"{path}: expected a list of (title, year), got {type(items).__name__}")
     out = []

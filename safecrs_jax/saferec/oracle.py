@@ -29,13 +29,13 @@ saferec/oracle_table.py.
 from __future__ import annotations
 
 import json
-import pickle
 import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from safecrs_jax.saferec.oracle_table import read_table, write_table
+from safecrs_jax.saferec.safe_pickle import load as load_pickle
 from safecrs_jax.saferec.traits import TRAITS, active_traits, constraint_masks
 
 _ARTICLE = re.compile(r"^(?:the|a|an)\s+")
@@ -161,8 +161,7 @@ class SafetyOracle:
     for r, scores in enumerate(rows):
       for c, v in scores.items():
         risk[r, c] = v
-    with open(title_to_imdb_pkl, "rb") as f:
-      mapping = pickle.load(f)
+    mapping = load_pickle(title_to_imdb_pkl)     # no code runs from a data file
     if not isinstance(mapping, dict):
       raise ValueError(f"{title_to_imdb_pkl}: expected a dict {{(title, year): imdbId}}, "
                        f"got {type(mapping).__name__}")

@@ -36,10 +36,12 @@ _SOLUTION_OPEN = "<solution>"
 _SOLUTION_CLOSE = "</solution>"
 _SPACES = re.compile(r"\s+")
 _PARENS = re.compile(r"\([^()]*\)")
-_FMT_LEAD = re.compile(r"^[*_\-#]+")
-_FMT_TRAIL = re.compile(r"[*_\-#]+$")
 _BULLET_OR_NUMBER = re.compile(r"^(?:[*_\-#]+\s+|\d+\s*[.)、\-—–]\s+)")
 _HASHES = re.compile(r"^#+\s*")
+_MARKS = frozenset("*_-#")           # markdown marks stripped from both ends
+# The same two patterns anchored by `.match(text, pos, endpos)` instead of `^`.
+_BULLET_OR_NUMBER_AT = re.compile(_BULLET_OR_NUMBER.pattern.removeprefix("^"))
+_HASHES_AT = re.compile(_HASHES.pattern.removeprefix("^"))
 _TITLE_YEAR = re.compile(r"(.+?)\s+\((\d{4})\)")
 _STRAIGHT_QUOTES = (('"', '"'), ("'", "'"))
 _CURLY_QUOTES = (("“", "”"), ("‘", "’"))
@@ -62,16 +64,39 @@ def _collapse(text: str) -> str:
 
 
 def _strip_format(text: str) -> str:
-  """Remove markdown marks and list numbering from both ends until stable."""
-  text = text.strip()
+  """Remove markdown marks and list numbering from both ends until stable.
+
+  Each round strips, in order: marks `[*_-#]+` at the start, then at the end, one bullet or
+  list number at the start, then `#+\\s*` at the start (whitespace around each). The rounds
+  move two indices instead of copying the string, so a line of many list numbers
+  (`1. 1. 1. ...`) costs time linear in its length, not its square.
+  """
+  i, j = _strip_span(text, 0, len(text))
   while True:
-    new = _FMT_LEAD.sub("", text).strip()
-    new = _FMT_TRAIL.sub("", new).strip()
-    new = _BULLET_OR_NUMBER.sub("", new).strip()
-    new = _HASHES.sub("", new)
-    if new == text:
-      return text
-    text = new
+    start, end = i, j
+    while i < j and text[i] in _MARKS:
+      i += 1
+    i, j = _strip_span(text, i, j)
+    while j > i and text[j - 1] in _MARKS:
+      j -= 1
+    i, j = _strip_span(text, i, j)
+    m = _BULLET_OR_NUMBER_AT.match(text, i, j)
+    if m is not None:
+      i, j = _strip_span(text, m.end(), j)
+    m = _HASHES_AT.match(text, i, j)
+    if m is not None:
+      i = m.end()
+    if (i, j) == (start, end):
+      return text[i:j]
+
+
+def _strip_span(text: str, i: int, j: int) -> tuple[int, int]:
+  """`text[i:j].strip()` as indices."""
+  while i < j and text[i].isspace():
+    i += 1
+  while j > i and text[j - 1].isspace():
+    j -= 1
+  return i, j
 
 
 def _strip_quotes(text: str, curly: bool = False) -> str:

@@ -15,8 +15,11 @@ A run directory is self-describing:
 Integrity: a step whose state/ is gone or whose files do not match
 checksums.json is *damaged*; every reader (resume, policy.load_params,
 export, evaluation) refuses it with one line naming the step — nothing falls
-back to an older step silently. `checkpoint.verify=False` skips the hashing
-(the structure is still checked).
+back to an older step silently. A step without checksums.json is refused too
+(it cannot be told from a corrupted one), unless the user passes
+`checkpoint.accept_unverified=True` (export_hf: `--accept_unverified`): then
+its checksums are recorded from its files as they are, with a warning.
+`checkpoint.verify=False` skips the hashing (the structure is still checked).
 
 `Checkpointer.restore_latest(abstract_state, fingerprint)` is how a restarted
 command resumes; a checkpoint that cannot be read, or that was written for a
@@ -24,9 +27,12 @@ different model / optimiser / LoRA setting, raises `CheckpointError` naming the
 directory — it never silently starts over. Loading a whole model from a step
 (config, tokenizer, LoRA merge) is `policy.load_policy`.
 """
+import errno
 import json
 import logging
 import os
+import shutil
+import sys
 import time
 
 import jax
@@ -93,6 +99,14 @@ def _metadata_signature(meta_tree):
   return out
 
 
+def _own_bytes(leaf):
+  """Bytes this process writes for one leaf (its shards with replica id 0)."""
+  shards = getattr(leaf, "addressable_shards", None)
+  if shards is None:
+    return int(getattr(leaf, "nbytes", 0) or 0)
+  return sum(int(sh.data.nbytes) for sh in shards if sh.replica_id == 0)
+
+
 def _normalise_keys(sig):
   """Key paths without attribute/dict syntax: ".params['a']" and "['params']['a']" agree."""
   def norm(k):
@@ -106,12 +120,13 @@ class Checkpointer:
   """CheckpointManager wrapper holding one train state plus a JSON data position."""
 
   def __init__(self, directory, *, save_every=500, keep=3, async_save=True, verify=True,
-               save_every_minutes=0.0, clock=time.monotonic):
+               save_every_minutes=0.0, clock=time.monotonic, accept_unverified=False):
     self.directory = storage.resolve(directory)
     self.save_every = int(save_every)
     self.save_every_minutes, self._clock = float(save_every_minutes or 0.0), clock
     self._last_save = clock()
     self.verify, self._async, self._unsealed = bool(verify), bool(async_save), []
+    self.accept_unverified = bool(accept_unverified)
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(int(save_every), 1), max_to_keep=int(keep),
         enable_async_checkpointing=bool(async_save), create=True,
@@ -158,6 +173,7 @@ class Checkpointer:
     if not force and not self.should_save(step):
       return False
     self.seal()
+    self._check_space(step, state)
     started = self._mngr.save(int(step), force=True, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data))))
     if started:
@@ -166,6 +182,19 @@ class Checkpointer:
       if not self._async:
         self.seal()
     return started
+
+  def _check_space(self, step, state):
+    """ENOSPC before orbax starts a save that cannot fit on a local disk: its background
+    threads would fail in the middle of the step (a half-written temporary step and
+    hundreds of lines of tracebacks) instead of this one error."""
+    if storage.is_remote(self.directory) or not os.path.isdir(self.directory):
+      return
+    need = sum(_own_bytes(x) for x in jax.tree.leaves(state))
+    free = shutil.disk_usage(self.directory).free
+    if free < need + (1 << 20):
+      where = os.path.join(self.directory, str(step))
+      raise OSError(errno.ENOSPC, f"No space left on device (checkpoint step {step} needs "
+                    f"about {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free)", where)
 
   def seal(self):
     """Waits for pending saves, then writes checksums.json of each finished step."""
@@ -212,10 +241,19 @@ class Checkpointer:
                             + "; ".join(detail))
     return data
 
+  def read_data(self, step):
+    """The JSON data item saved with `step` (data position, fingerprint, log window)."""
+    try:
+      return self._mngr.restore(step, args=ocp.args.Composite(
+          data=ocp.args.JsonRestore()))["data"]
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"checkpoint {os.path.join(self.directory, str(step))} has no "
+                            f"readable data item: {_one_line(e)}") from None
+
   def restore(self, step, abstract_state, fingerprint=None):
     """(state, data) of `step`, restored into `abstract_state`'s shardings."""
     where = os.path.join(self.directory, str(step))
-    check_step(where, verify=self.verify)
+    check_step(where, verify=self.verify, accept_unverified=self.accept_unverified)
     data = self.check_compatible(step, abstract_state, fingerprint)
     _quiet_asyncio()
     try:
@@ -292,29 +330,48 @@ def saved_steps(ckdir):
                 if n.isdigit() and storage.isdir(os.path.join(ckdir, n)))
 
 
-def step_problem(step_dir, verify=True):
-  """None for a usable step directory, else what is wrong with it (one phrase).
+UNVERIFIED = "unverified"   # step_problem's answer for a step without checksums.json
+ACCEPT_UNVERIFIED = ("checkpoint.accept_unverified=True (export_hf: --accept_unverified)")
 
-  A finished step without checksums.json (a crash between the end of an async
-  save and the manifest, or a checkpoint older than checksums) gets one now.
+
+def step_problem(step_dir, verify=True, accept_unverified=False):
+  """None for a usable step directory, else what is wrong with it (one phrase), or
+  UNVERIFIED for a finished step without checksums.json.
+
+  Such a step (a crash between the end of an async save and its manifest, a checkpoint
+  older than checksums, or a manifest deleted) cannot be told from a corrupted one, so it
+  is refused unless `accept_unverified`: then its checksums are recorded from the files as
+  they are now, with a warning.
   """
   if not storage.isdir(os.path.join(step_dir, "state")):
     return "its state/ directory is missing"
   if not verify:
     return None
   if provenance.read_manifest(step_dir) is None:
+    if not accept_unverified:
+      return UNVERIFIED
     if jax.process_index() == 0 and (storage.is_remote(step_dir) or os.access(step_dir, os.W_OK)):
       provenance.write_manifest(step_dir, STEP_ITEMS)
-      print(f"checkpoint {step_dir}: no {provenance.MANIFEST} yet; recorded it now", flush=True)
+    logging.warning("checkpoint %s had no %s: accepted unverified as asked, its checksums "
+                    "recorded from its files as they are now", step_dir, provenance.MANIFEST)
+    print(f"warning: checkpoint {step_dir} had no {provenance.MANIFEST}; accepted unverified "
+          "as asked, its checksums recorded from its files as they are now", file=sys.stderr,
+          flush=True)
     return None
   return provenance.verify_manifest(step_dir, STEP_ITEMS)
 
 
-def check_step(step_dir, verify=True):
-  """Raises CheckpointError (one line: the step, what is wrong, what to do) for a damaged step."""
-  problem = step_problem(step_dir, verify)
+def check_step(step_dir, verify=True, accept_unverified=False):
+  """Raises CheckpointError (one line: the step, what is wrong, what to do) for a damaged or
+  unverified step."""
+  problem = step_problem(step_dir, verify, accept_unverified)
+  step = os.path.basename(step_dir.rstrip("/"))
+  if problem == UNVERIFIED:
+    raise CheckpointError(
+        f"checkpoint step {step} ({step_dir}) has no {provenance.MANIFEST}: its files cannot "
+        f"be verified; pass {ACCEPT_UNVERIFIED} to accept it as it is, or delete that "
+        "directory to use the step before it")
   if problem:
-    step = os.path.basename(step_dir.rstrip("/"))
     raise CheckpointError(
         f"checkpoint step {step} ({step_dir}) is damaged: {problem}; delete that directory "
         "to use the step before it, or name another step explicitly")
@@ -349,7 +406,7 @@ def run_dir_of(step_dir):
   return d if storage.exists(os.path.join(d, MODEL_CONFIG)) else None
 
 
-def load_state_items(path, abstract_items, verify=True):
+def load_state_items(path, abstract_items, verify=True, accept_unverified=False):
   """Restores only the named top-level items of a saved train state (checksums verified).
 
   abstract_items: {"params": abstract tree, "lora": abstract tree or None, ...}
@@ -357,7 +414,7 @@ def load_state_items(path, abstract_items, verify=True):
   state is never read. Returns the same dict with arrays.
   """
   step_dir = find_step_dir(path)
-  check_step(step_dir, verify=verify)
+  check_step(step_dir, verify=verify, accept_unverified=accept_unverified)
   state_dir = os.path.join(step_dir, "state")
   items = {k: v for k, v in abstract_items.items() if v is not None}
   want = _normalise_keys(_tree_signature(items))

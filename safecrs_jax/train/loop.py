@@ -139,7 +139,7 @@ def open_checkpointer(config, workdir):
   return checkpoint.Checkpointer(
       os.path.join(workdir, checkpoint.CHECKPOINTS), save_every=ck.save_every,
       keep=ck.keep, async_save=ck.async_save, verify=ck.verify,
-      save_every_minutes=ck.save_every_minutes)
+      save_every_minutes=ck.save_every_minutes, accept_unverified=ck.accept_unverified)
 
 
 def restore_or_init(ckpt, abstract_state, fingerprint, init_fn, *, overwrite=False):
@@ -273,17 +273,31 @@ def run_loop(stage, state, start, books, *, log_every, hooks=(), stop_at=None):
   stop_at: leave after this step with a checkpoint (time-sliced jobs). The
   checkpointer is closed (pending async saves finished) on the way out.
   """
-  total, pending, step, preempted = stage.total_steps, [], start, False
+  total, step, preempted = stage.total_steps, start, False
+  # The logging window is saved with each checkpoint and restored here, so the first row
+  # after a resume averages the same steps as a straight run's.
+  pending = metrics_log.window_from_json(
+      stage.ckpt.read_data(start).get("log_window") if start else None)
+  logged = len(pending)            # restored steps: already counted by the progress bar
 
-  def flush():
-    if pending:
+  def flush(cut=False):
+    """One row for the window; cut=True (preemption, stop_at): a row off the log.every
+    grid, marked "preempted", whose steps stay in the window saved with the checkpoint."""
+    nonlocal logged
+    if len(pending) > logged or (pending and not cut):
       record, fields = stage.log(step, list(pending))
-      books.writer.write(step, dict(record, **device_memory()))
-      books.progress.update(len(pending), **fields)
-      pending.clear()
+      books.writer.write(step, dict(record, **device_memory()),
+                         marks={"preempted": True} if cut else None)
+      books.progress.update(len(pending) - logged, **fields)
+      logged = len(pending)
+      if not cut:
+        pending.clear()
+        logged = 0
 
   def save():
-    stage.ckpt.save(step, state, stage.data_position(step), force=True)
+    stage.ckpt.save(step, state, dict(stage.data_position(step),
+                                      log_window=metrics_log.window_to_json(pending)),
+                    force=True)
 
   try:
     while step < total:
@@ -299,14 +313,14 @@ def run_loop(stage, state, start, books, *, log_every, hooks=(), stop_at=None):
       if stage.ckpt.should_save(step) or step == total:
         save()
       if books.watch.reached(step) and step < total:
-        flush()
+        flush(cut=True)
         save()
         preempted = True
         books.progress.write(f"{books.desc}: SIGTERM at step {step}; checkpoint written, "
                              "exiting")
         break
       if stop_at is not None and step >= stop_at:
-        flush()
+        flush(cut=True)
         save()
         break
   finally:

@@ -137,13 +137,15 @@ def source_identity(config, path):
     return {"kind": "hf", "path": storage.resolve(path), "hash": provenance.tree_hash(path)}
   step_dir = checkpoint.find_step_dir(path)
   checkpoint.check_step(step_dir, verify=False)
-  checkpoint.step_problem(step_dir)            # records checksums.json when still missing
+  # records checksums.json of a step without one, when the user accepts it unverified
+  checkpoint.step_problem(step_dir, accept_unverified=config.checkpoint.accept_unverified)
   files = provenance.read_manifest(step_dir)
   return {"kind": "orbax", "path": step_dir, "step": int(os.path.basename(step_dir)),
           "manifest": provenance.digest(files) if files is not None else None}
 
 
-def load_params(path, mesh=None, rules=None, *, merge_lora=True, verify=True, **overrides):
+def load_params(path, mesh=None, rules=None, *, merge_lora=True, verify=True,
+                accept_unverified=False, **overrides):
   """(ModelConfig, params) of an orbax run / checkpoints / step dir.
 
   The model config comes from the run's model_config.json (`overrides` set
@@ -170,7 +172,8 @@ def load_params(path, mesh=None, rules=None, *, merge_lora=True, verify=True, **
       l_axes = lora_lib.logical_axes(axes, abstract["lora"])
       l_sh = shd.logical_to_sharding(l_axes, mesh, rules, shapes=abstract["lora"])
       abstract["lora"] = ts.with_shardings(abstract["lora"], l_sh)
-  out = checkpoint.load_state_items(step_dir, abstract, verify=verify)
+  out = checkpoint.load_state_items(step_dir, abstract, verify=verify,
+                                    accept_unverified=accept_unverified)
   params, adapters = out["params"], out["lora"]
   scale = lora_lib.scale(info["alpha"], info["rank"]) if info else None
   if not merge_lora:
@@ -213,6 +216,7 @@ def load_policy(config, path, mesh=None, rules=None, *, data_dir=None, init_key=
     tok = tokens.load_tokenizer(path) if has_tok else _config_tokenizer(config, data_dir)
     return Policy(cfg, params, tok, storage.resolve(path), kind)
   cfg, params = load_params(path, mesh, rules, verify=config.checkpoint.verify,
+                            accept_unverified=config.checkpoint.accept_unverified,
                             **over)
   tok = tokens.load_tokenizer(checkpoint.tokenizer_dir(path))
   return Policy(cfg, params, tok, checkpoint.find_step_dir(path), kind)
@@ -243,7 +247,7 @@ def generation_config(tokenizer) -> dict:
   return out
 
 
-def export_hf(path, out_dir, dtype=None):
+def export_hf(path, out_dir, dtype=None, accept_unverified=False):
   """Writes the orbax checkpoint at `path` (LoRA merged) as an HF model dir + tokenizer +
   generation_config.json.
 
@@ -251,7 +255,7 @@ def export_hf(path, out_dir, dtype=None):
   (bfloat16 for the paper configs, so a server's `--dtype auto` serves that; float32 for
   the demo), else the parameters' own.
   """
-  cfg, params = load_params(path)
+  cfg, params = load_params(path, accept_unverified=accept_unverified)
   dtype = dtype or trained_dtype(path) or cfg.param_dtype
   if dtype != cfg.param_dtype:
     cfg = dataclasses.replace(cfg, param_dtype=dtype)

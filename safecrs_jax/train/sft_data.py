@@ -74,7 +74,10 @@ def load_sft_rows(config, data_dir, split, oracle=None):
     oracle = saferec.load_oracle(data_dir, risk_threshold=config.data.risk_threshold)
   rows, report = prepare_rows(rows, config, oracle)
   if not rows:
-    raise ValueError(f"no SFT rows left in {data_dir} split {split!r} ({report})")
+    raise saferec.SafeRecDataError(
+        f"no SFT rows left in {data_dir} split {split!r}: {report['rows_in']} rows read, "
+        f"{report['rows_dropped_no_safe_gt']} without a safe ground-truth item, "
+        f"{report['rows_empty_target']} with an empty target")
   return rows, report
 
 

@@ -14,6 +14,7 @@ import json
 import os
 import re
 
+from safecrs_jax.infra import storage
 from safecrs_jax.saferec.relational.suite import DISCLOSURES
 
 QUESTIONS = (
@@ -148,9 +149,9 @@ def write_card(named_reports, out_dir: str, k: int = 10) -> dict:
   os.makedirs(out_dir, exist_ok=True)
   paths = {"json": os.path.join(out_dir, "relational.json"),
            "card": os.path.join(out_dir, "card.md")}
-  with open(paths["json"], "w", encoding="utf-8") as f:
+  with storage.open(paths["json"], "w", encoding="utf-8") as f:
     json.dump(named, f, indent=1, sort_keys=True)
-  with open(paths["card"], "w", encoding="utf-8") as f:
+  with storage.open(paths["card"], "w", encoding="utf-8") as f:
     f.write(card_markdown(named, k))
   paths["plots"] = write_plots(named, out_dir, k)
   return paths

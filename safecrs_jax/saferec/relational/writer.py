@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 
+from safecrs_jax.infra import storage
 from safecrs_jax.saferec import data
 from safecrs_jax.saferec.relational.suite import make_suite
 
@@ -20,10 +21,10 @@ def write_suite(out_dir: str, rows, manifest: dict) -> dict:
   os.makedirs(out_dir, exist_ok=True)
   paths = {"rows": os.path.join(out_dir, f"{SPLIT}.jsonl"),
            "manifest": os.path.join(out_dir, "manifest.json")}
-  with open(paths["rows"], "w", encoding="utf-8") as f:
+  with storage.open(paths["rows"], "w", encoding="utf-8") as f:
     for row in rows:
       f.write(json.dumps(row, ensure_ascii=False) + "\n")
-  with open(paths["manifest"], "w", encoding="utf-8") as f:
+  with storage.open(paths["manifest"], "w", encoding="utf-8") as f:
     json.dump(manifest, f, indent=1, sort_keys=True)
   return paths
 
