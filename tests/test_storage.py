@@ -12,7 +12,7 @@ import pytest
 from configs import demo
 from safecrs_jax import evaluation, models, saferec
 from safecrs_jax.data import assets
-from safecrs_jax.infra import run_lock, storage
+from safecrs_jax.infra import local_cache, run_lock, storage
 from safecrs_jax.train import checkpoint, gdpo, policy, sft
 
 
@@ -55,13 +55,13 @@ def test_storage_ops_on_the_bucket(bucket):
   with storage.open("gs://b/run/m.jsonl") as f:
     assert f.read() == "1\n2\n3\n"
   # a local copy for readers of local files; a changed object gets a fresh copy
-  local = storage.local_copy("gs://b/run")
+  local = local_cache.local_copy("gs://b/run")
   assert not storage.is_remote(local)
   with open(os.path.join(local, "sub", "w.bin"), "rb") as f:
     assert f.read() == b"\0\1"
-  assert storage.local_copy("gs://b/run") == local
+  assert local_cache.local_copy("gs://b/run") == local
   storage.write_atomic("gs://b/run/a.json", "{}")
-  assert storage.local_copy("gs://b/run") != local
+  assert local_cache.local_copy("gs://b/run") != local
   storage.rmtree("gs://b/run")
   assert not storage.exists("gs://b/run") and not os.path.exists(os.path.join(bucket, "run"))
 

@@ -31,7 +31,7 @@ from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers import models as bpe_models
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from safecrs_jax.infra import storage
+from safecrs_jax.infra import local_cache, storage
 
 # End-of-turn markers of the chat templates we know, tried in this order.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
@@ -54,7 +54,7 @@ def load_tokenizer(path):
   """Loads the HF tokenizer saved in directory `path` (no network)."""
   if not path or not storage.isdir(path):
     raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
-  path = storage.local_copy(path)   # remote: HF reads local files only
+  path = local_cache.local_copy(path)   # remote: HF reads local files only
   try:
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
   except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a bad file

@@ -18,7 +18,6 @@ import builtins
 import contextlib
 import fnmatch
 import glob as globlib
-import hashlib
 import io
 import os
 import re
@@ -305,52 +304,6 @@ def local_dir_for(path):
   with tempfile.TemporaryDirectory(prefix="safecrs-upload-") as tmp:
     yield tmp
     copy_tree(tmp, path)
-
-
-def local_copy(path, cache_root=None):
-  """A local directory with `path`'s files (for readers that need local files).
-
-  A local path is returned as is. A remote directory is copied once into
-  `cache_root` (default `$SAFECRS_CACHE` or ~/.cache/safecrs_jax) under a key
-  of its URI and every file's name, size and mtime, so a changed remote
-  directory gets a fresh copy; subdirectories are copied too.
-  """
-  if not is_remote(path):
-    return path
-  path = resolve(path)
-  h = hashlib.sha256(path.encode())
-  for rel in sorted(walk_files(path)):
-    h.update(f"\0{rel}\0{stat_key(os.path.join(path, rel))}".encode())
-  final = os.path.join(_cache_root(cache_root), "remote", h.hexdigest()[:24])
-  if not os.path.isdir(final):
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="copy-", dir=os.path.dirname(final))
-    copy_tree(path, tmp)
-    try:
-      os.rename(tmp, final)
-    except OSError:           # another process won the race
-      shutil.rmtree(tmp, ignore_errors=True)
-  return final
-
-
-def local_file(path, cache_root=None):
-  """A local path with `path`'s bytes (a remote file is copied once, keyed as above)."""
-  if not is_remote(path):
-    return path
-  path = resolve(path)
-  key = hashlib.sha256(f"{path}\0{stat_key(path)}".encode()).hexdigest()[:24]
-  final = os.path.join(_cache_root(cache_root), "remote", key, os.path.basename(path))
-  if not os.path.isfile(final):
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    tmp = f"{final}.tmp.{os.getpid()}"
-    copy_file(path, tmp)
-    os.replace(tmp, final)
-  return final
-
-
-def _cache_root(explicit):
-  return explicit or os.environ.get("SAFECRS_CACHE") or os.path.join(
-      os.path.expanduser("~"), ".cache", "safecrs_jax")
 
 
 def walk_files(root, sub=""):

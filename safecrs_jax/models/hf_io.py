@@ -24,7 +24,7 @@ import re
 import jax
 import numpy as np
 
-from safecrs_jax.infra import storage
+from safecrs_jax.infra import local_cache, storage
 from safecrs_jax.models import safetensors_io as st
 from safecrs_jax.models.config import ModelConfig
 from safecrs_jax.models.decoder import abstract_params, param_shardings
@@ -71,7 +71,7 @@ def _open_checkpoint(path: str) -> dict[str, st.SafeFile]:
   """Tensor name -> SafeFile holding it; validates the index against the files."""
   if not storage.isdir(path):
     raise FileNotFoundError(f"checkpoint directory not found: {path}")
-  path = storage.local_copy(path)   # remote: read from a local copy (safetensors are mmapped)
+  path = local_cache.local_copy(path)   # remote: read from a local copy (safetensors are mmapped)
   index_path = os.path.join(path, INDEX_FILE)
   files: dict[str, st.SafeFile] = {}
 

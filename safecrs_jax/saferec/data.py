@@ -37,7 +37,7 @@ import logging
 import os
 from collections.abc import Sequence
 
-from safecrs_jax.infra import storage
+from safecrs_jax.infra import local_cache, storage
 from safecrs_jax.saferec.metrics import Catalog
 from safecrs_jax.saferec.oracle import SafetyOracle
 from safecrs_jax.saferec.traits import TRAITS
@@ -185,7 +185,7 @@ def read_raw_rows(path: str, line_numbers: bool = False):
   """
   if storage.isdir(path):
     import datasets  # heavy: only for released-format directories
-    ds = datasets.load_from_disk(storage.local_copy(path))
+    ds = datasets.load_from_disk(local_cache.local_copy(path))
     if isinstance(ds, datasets.DatasetDict):
       raise SafeRecDataError(f"{path}: holds several splits {list(ds)}; point at one split directory")
     rows = ds.to_list()
@@ -270,7 +270,7 @@ def load_split(data_dir: str, split: str, stage: str = "sft", strict: bool = Tru
 def _first_existing(paths: Sequence[str], what: str) -> str:
   for p in paths:
     if storage.isfile(p):
-      return storage.local_file(p)   # the oracle / catalog readers open local files
+      return local_cache.local_file(p)   # the oracle / catalog readers open local files
   raise FileNotFoundError(f"no {what} found; tried:\n  " + "\n  ".join(paths))
 
 
@@ -292,7 +292,7 @@ def load_oracle(data_dir: str, risk_threshold: float = 0.66, *, title_fallback: 
   `SafetyOracle`'s (defaults: the reference lookups)."""
   table = os.path.join(data_dir, ORACLE_TABLE)
   if storage.isfile(table):
-    return SafetyOracle.from_table(storage.local_file(table), risk_threshold, title_fallback=title_fallback)
+    return SafetyOracle.from_table(local_cache.local_file(table), risk_threshold, title_fallback=title_fallback)
   trait_json = _first_existing(
       [os.path.join(data_dir, "downloaded_datasets", TRAIT_JSON), os.path.join(data_dir, TRAIT_JSON)],
       TRAIT_JSON)
