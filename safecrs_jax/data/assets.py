@@ -23,7 +23,7 @@ import tempfile
 
 from safecrs_jax import saferec
 from safecrs_jax.data import tokens
-from safecrs_jax.infra import storage
+from safecrs_jax.infra import run_lock, storage
 from safecrs_jax.saferec import mini
 
 # Bump when the tokenizer recipe changes so old caches are not reused. The
@@ -80,18 +80,8 @@ def _sweep_stale(final_dir):
   prefix = f"{os.path.basename(final_dir)}.tmp-{_HOST}-"
   for path in glob.glob(os.path.join(glob.escape(os.path.dirname(final_dir)), prefix + "*")):
     pid = os.path.basename(path)[len(prefix):].split("-")[0]
-    if pid.isdigit() and not _alive(int(pid)):
+    if pid.isdigit() and not run_lock.pid_alive(int(pid)):
       shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid):
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
 
 
 def _mini_version():

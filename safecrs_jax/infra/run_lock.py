@@ -35,14 +35,21 @@ def _start_time(pid):
     return None
 
 
-def _alive(holder):
-  pid = int(holder.get("pid", -1))
+def pid_alive(pid):
+  """Whether process `pid` of this host exists (one of another user's counts as alive)."""
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
     return False
   except PermissionError:
     return True
+  return True
+
+
+def _alive(holder):
+  pid = int(holder.get("pid", -1))
+  if not pid_alive(pid):
+    return False
   started = holder.get("start")
   return started is None or _start_time(pid) in (None, started)
 
