@@ -17,7 +17,6 @@ import re
 _PROJECT_MODULES = ("safecrs_jax.", "configs.", "launch.")
 _NO_SPACE = re.compile(r"No space left on device|\[Errno 28\]|ENOSPC|RESOURCE_EXHAUSTED: .*space")
 _READ_ONLY = re.compile(r"Read-only file system|\[Errno 30\]")
-_DENIED = re.compile(r"Permission denied|\[Errno 13\]")
 _FILENAME = re.compile(r"""(?:\[Errno \d+\] [^:'"]*: |path |file )['"]?(/[^'"\s,;)]+)""")
 
 
